@@ -1,0 +1,122 @@
+"""np-agent: compile NetworkPolicies into nftables and enforce them on this node."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .compiler import compile_state
+from .manifests import LoadResult, load_manifests
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
+
+
+def _load(args: argparse.Namespace) -> LoadResult:
+    result = load_manifests(args.manifests)
+    for err in result.errors:
+        print(f"np-agent: error: {err}", file=sys.stderr)
+    return result
+
+
+def cmd_dump_rules(args: argparse.Namespace) -> int:
+    from .dump import dump_json, dump_text
+
+    result = _load(args)
+    compiled = compile_state(result.state, args.node_name)
+    if args.json:
+        json.dump(dump_json(compiled), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(dump_text(compiled))
+    return EXIT_INVALID if result.errors else EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .dataplane import Dataplane
+    from .nft import NftError
+
+    result = _load(args)
+    compiled = compile_state(result.state, args.node_name)
+    for w in compiled.warnings:
+        print(f"np-agent: warning: {w}", file=sys.stderr)
+    try:
+        applied = Dataplane().reconcile(compiled.ruleset)
+    except NftError as e:
+        print(f"np-agent: error: the kernel refused the ruleset, nothing changed: {e}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    isolated = sum(1 for r in compiled.pods if r.ingress or r.egress)
+    print(f"applied: {len(compiled.pods)} local pod(s), {isolated} isolated; "
+          f"{applied.added} element(s) added, {applied.removed} removed"
+          + (f", chains written: {', '.join(applied.rewritten_chains)}"
+             if applied.rewritten_chains else "")
+          + f"; transaction {applied.transaction_seconds * 1000:.1f} ms")
+    return EXIT_INVALID if result.errors else EXIT_OK
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from . import layout
+    from .dataplane import Dataplane
+
+    removed = Dataplane().remove(layout.FAMILY, layout.TABLE)
+    print(f"table {layout.FAMILY} {layout.TABLE} " + ("deleted" if removed else "not present"))
+    return EXIT_OK
+
+
+def _manifest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifests", nargs="+", required=True, metavar="PATH",
+                   help="YAML/JSON files or directories (searched recursively) holding Pods, "
+                        "Namespaces and NetworkPolicies; multi-document YAML and `kind: List` "
+                        "are read. Pods carry their IPs in status.podIPs.")
+    p.add_argument("--node-name", default=None, metavar="NAME",
+                   help="this node's name: pods whose spec.nodeName names another node are only "
+                        "peers, their isolation is left to their node (default: every pod is "
+                        "local)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="np-agent",
+        description="Enforce Kubernetes NetworkPolicy with nftables (table inet np-nft).",
+        epilog="Exit status: 0 ok, 1 failure (nothing applied), 2 some objects were invalid "
+               "(reported on stderr; the rest was applied, invalid policies fail closed).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("dump-rules", help="print the ruleset the manifests would enforce",
+                       description="Compile the manifests and print, without touching the "
+                                   "kernel, a per-pod summary and the nftables table annotated "
+                                   "with the policies behind every element.")
+    _manifest_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: pods, warnings and the libnftables JSON batch")
+    p.set_defaults(func=cmd_dump_rules)
+
+    p = sub.add_parser("apply", help="enforce the manifests in this network namespace",
+                       description="Compile the manifests and make table inet np-nft in the "
+                                   "current network namespace match, in one atomic nftables "
+                                   "transaction that changes only what differs. Needs root "
+                                   "(CAP_NET_ADMIN).")
+    _manifest_args(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("remove", help="delete table inet np-nft from this network namespace",
+                       description="Uninstall: delete np-nft's table. Pods are open afterwards.")
+    p.set_defaults(func=cmd_remove)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FileNotFoundError as e:
+        print(f"np-agent: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except PermissionError as e:
+        print(f"np-agent: error: {e} (np-agent apply needs root)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

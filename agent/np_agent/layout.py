@@ -1,0 +1,148 @@
+"""The static shape of table ``inet np-nft``: its sets and chains.
+
+The chains never change with policies or pods; only set elements do. Every new connection
+costs a constant number of rules and set lookups, whatever the number of policies:
+
+    forward (hook forward, priority filter, policy accept)
+      ct state established,related accept           # replies of allowed connections
+      meta nfproto vmap { ipv4 : jump policy-v4, ipv6 : jump policy-v6 }
+    policy-v6
+      icmpv6 type { nd-* } accept                   # neighbour discovery is never policed
+      jump egress-v6
+      jump ingress-v6
+    egress-v4                                        # source's point of view
+      ip saddr != @egress-isolated-v4 return         # not isolated: allowed
+      ip saddr . ip daddr . meta l4proto . th dport @egress-allow-v4 return
+      ip saddr . ip daddr @egress-allow-all-v4 return
+      counter drop
+    ingress-v4                                       # destination's point of view
+      ip daddr != @ingress-isolated-v4 return
+      ip daddr . ip saddr . meta l4proto . th dport @ingress-allow-v4 return
+      ip daddr . ip saddr @ingress-allow-all-v4 return
+      counter drop
+
+Traffic between a pod and its own node never crosses the forward hook (it is input/output),
+so kubelet probes and node-local replies are allowed by construction, without exempting every
+root-owned socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .ruleset import ChainSpec, Ruleset, RuleSpec, SetSpec
+
+TABLE = "np-nft"
+FAMILY = "inet"
+DIRECTIONS = ("ingress", "egress")
+FAMILIES = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
+
+
+def isolated_set(direction: str, version: int) -> str:
+    return f"{direction}-isolated-v{version}"
+
+
+def allow_set(direction: str, version: int) -> str:
+    """pod . peer . protocol . port-range: rules that name ports."""
+    return f"{direction}-allow-v{version}"
+
+
+def allow_all_set(direction: str, version: int) -> str:
+    """pod . peer: rules without ports, which allow every protocol (ICMP included)."""
+    return f"{direction}-allow-all-v{version}"
+
+
+# ----------------------------------------------------------------- JSON expression helpers
+
+
+def _payload(proto: str, fld: str) -> dict[str, Any]:
+    return {"payload": {"protocol": proto, "field": fld}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _rule(expr: list[Any], text: str, why: str) -> RuleSpec:
+    """A rule whose comment ends in a short digest of its expression.
+
+    The kernel's JSON listing does not return expressions in the form we wrote them, but it
+    does return comments verbatim: comparing comments is how a later reconcile notices a chain
+    that someone else edited, or that an older np-nft version wrote differently.
+    """
+    digest = hashlib.sha256(json.dumps(expr, sort_keys=True).encode()).hexdigest()[:8]
+    return RuleSpec(tuple(expr), text, f"{why} [{digest}]")
+
+
+def _sets(version: int) -> list[SetSpec]:
+    _, addr = FAMILIES[version]
+    out = []
+    for d in DIRECTIONS:
+        out.append(SetSpec(isolated_set(d, version), (addr,)))
+        out.append(SetSpec(allow_set(d, version), (addr, addr, "inet_proto", "inet_service"),
+                           interval=True, counter=True))
+        out.append(SetSpec(allow_all_set(d, version), (addr, addr), interval=True, counter=True))
+    return out
+
+
+def _direction_chain(direction: str, version: int) -> ChainSpec:
+    ip, _ = FAMILIES[version]
+    pod, peer = ("saddr", "daddr") if direction == "egress" else ("daddr", "saddr")
+    iso, allow, allow_all = (isolated_set(direction, version), allow_set(direction, version),
+                             allow_all_set(direction, version))
+    ports_key = {"concat": [_payload(ip, pod), _payload(ip, peer), {"meta": {"key": "l4proto"}},
+                            _payload("th", "dport")]}
+    any_key = {"concat": [_payload(ip, pod), _payload(ip, peer)]}
+    rules = (
+        _rule([_match(_payload(ip, pod), f"@{iso}", "!="), {"return": None}],
+              f"{ip} {pod} != @{iso} return", f"pod not {direction}-isolated"),
+        _rule([_match(ports_key, f"@{allow}"), {"return": None}],
+              f"{ip} {pod} . {ip} {peer} . meta l4proto . th dport @{allow} return",
+              f"{direction} allowed by a rule with ports"),
+        _rule([_match(any_key, f"@{allow_all}"), {"return": None}],
+              f"{ip} {pod} . {ip} {peer} @{allow_all} return",
+              f"{direction} allowed by a rule without ports"),
+        _rule([{"counter": None}, {"drop": None}], "counter drop",
+              f"{direction}-isolated pod, no policy allows this"),
+    )
+    return ChainSpec(f"{direction}-v{version}", rules)
+
+
+_ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]
+
+
+def _policy_chain(version: int) -> ChainSpec:
+    rules = []
+    if version == 6:
+        rules.append(_rule(
+            [_match(_payload("icmpv6", "type"), {"set": _ND_TYPES}), {"accept": None}],
+            "icmpv6 type { " + ", ".join(_ND_TYPES) + " } accept",
+            "IPv6 neighbour discovery is never policed"))
+    for d in ("egress", "ingress"):
+        rules.append(_rule([{"jump": {"target": f"{d}-v{version}"}}], f"jump {d}-v{version}",
+                           f"{d} policy"))
+    return ChainSpec(f"policy-v{version}", tuple(rules))
+
+
+def _forward_chain() -> ChainSpec:
+    rules = (
+        _rule([_match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+               {"accept": None}],
+              "ct state established,related accept", "replies of allowed connections"),
+        _rule([{"vmap": {"key": {"meta": {"key": "nfproto"}},
+                         "data": {"set": [["ipv4", {"jump": {"target": "policy-v4"}}],
+                                          ["ipv6", {"jump": {"target": "policy-v6"}}]]}}}],
+              "meta nfproto vmap { ipv4 : jump policy-v4, ipv6 : jump policy-v6 }",
+              "new connections: policy by address family"),
+    )
+    return ChainSpec("forward", rules, hook="forward", priority=0, policy="accept")
+
+
+def empty_ruleset() -> Ruleset:
+    """The table with all sets empty: nobody isolated, everything open (the upstream default)."""
+    sets = [s for v in (4, 6) for s in _sets(v)]
+    chains = [_direction_chain(d, v) for v in (4, 6) for d in DIRECTIONS]
+    chains += [_policy_chain(4), _policy_chain(6), _forward_chain()]
+    return Ruleset(TABLE, FAMILY, {s.name: s for s in sets}, chains)

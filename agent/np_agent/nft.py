@@ -1,0 +1,54 @@
+"""A thin wrapper over libnftables (Debian's python3-nftables), JSON in and JSON out.
+
+libnftables runs in-process and talks netlink in whatever network namespace the process is
+in, so the same code serves a real node and a test "node" namespace.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class NftError(RuntimeError):
+    """libnftables refused a command; the message is nft's own."""
+
+
+class Nft:
+    def __init__(self) -> None:
+        try:
+            import nftables  # Debian's python3-nftables; not on PyPI in a maintained form
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise NftError("the nftables Python bindings are missing: apt-get install "
+                           "python3-nftables, and use a venv with --system-site-packages") from e
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+
+    def transaction(self, commands: list[dict[str, Any]]) -> None:
+        """Run commands as ONE netlink batch: all of them take effect, or none."""
+        if not commands:
+            return
+        rc, _, err = self._nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise NftError(err.strip() or f"nft failed with code {rc}")
+
+    def list_table(self, family: str, table: str) -> list[dict[str, Any]] | None:
+        """The table as libnftables JSON objects, or None when there is no such table."""
+        rc, out, err = self._nft.cmd(f"list table {family} {table}")
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise NftError(err.strip())
+        return json.loads(out)["nftables"]
+
+    def list_text(self, family: str, table: str) -> str:
+        """The table in nft syntax, as `nft list table` prints it."""
+        self._nft.set_json_output(False)
+        try:
+            rc, out, err = self._nft.cmd(f"list table {family} {table}")
+        finally:
+            self._nft.set_json_output(True)
+        if rc != 0:
+            raise NftError(err.strip())
+        return out
