@@ -16,15 +16,19 @@ Shape, chosen to look like a busy namespace rather than a best case for the comp
   matches, so it is allowed only where a policy names it;
 * policy i (``bench/allow-NNNN``) selects the server (by ``app``, by ``tier`` or by a
   matchExpressions ``In``) and allows one peer group on ports chosen by ``i % 20``: its own
-  TCP port (10000+i), a TCP range, a UDP port, a named port, two ports, or an ipBlock with
-  an except. Policies with ``i % 100 == 37`` also allow the client pod on their own port;
-  policies with ``i % 100 == 99`` add Egress (DNS to team t0), so the server is isolated
-  both ways. Nothing here is random: two runs build identical states.
+  TCP port (10000+i), a TCP range, a UDP port (number or name), a named port, two ports, or
+  an ipBlock with an except. Policies with ``i % 100 == 37`` also allow the client pod on
+  their own port; policies with ``i % 100 == 99`` add Egress (DNS to team t0), so the server
+  is isolated both ways. Nothing here is random: two runs build identical states.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
+import math
+import subprocess
+import sys
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -141,7 +145,7 @@ def _ports(i: int) -> tuple[PolicyPort, ...]:
         base = 20000 + 10 * (i // 20)
         return (PolicyPort("TCP", base, base + 9),)
     if kind == 2:
-        return (PolicyPort("UDP", 30000 + i),)
+        return (PolicyPort("UDP", "dns" if (i // 20) % 2 else 30000 + i),)
     if kind == 4:
         return (PolicyPort("TCP", policy_port(i)), PolicyPort("TCP", "metrics"))
     return (PolicyPort("TCP", policy_port(i)),)
@@ -172,7 +176,7 @@ def build_state(n_policies: int = 1000, n_peers: int = 5000, server_ip: str = SE
     state = ClusterState()
     n_namespaces = -(-n_peers // PODS_PER_NAMESPACE)
     if n_namespaces > 256 * 100:
-        raise ValueError(f"too many peers for the 10.100.0.0/9 plan: {n_peers}")
+        raise ValueError(f"too many peers for 10.100.0.0-10.199.255.255: {n_peers}")
     meta = "kubernetes.io/metadata.name"
     for name, labels in ((SERVER_NS, {"team": "platform", "env": "prod"}),
                          (CLIENT_NS, {"team": "loadgen", "env": "bench"})):
@@ -223,3 +227,29 @@ def changed_policy(state: ClusterState, step: int) -> NetworkPolicy:
         rule = replace(rule, peers=(Peer(_sel(app="a3"),
                                          _sel(**{"kubernetes.io/metadata.name": ns})),))
     return replace(pol, ingress=(rule, *pol.ingress[1:]))
+
+
+# ----------------------------------------------------------------- shared by both scripts
+
+
+def nft_python() -> str:
+    """A Python that can import the nftables bindings, for the process inside the node netns.
+
+    They come from Debian's python3-nftables, so a pyenv or venv interpreter running the
+    benchmark may lack them while /usr/bin/python3 has them.
+    """
+    if importlib.util.find_spec("nftables") is not None:
+        return sys.executable
+    system = "/usr/bin/python3"
+    probe = subprocess.run([system, "-c", "import nftables"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        raise RuntimeError("no Python with the nftables bindings: apt-get install python3-nftables")
+    return system
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: with 20 samples p99 is the maximum, which is what we want
+    to see rather than an interpolation between the two slowest."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]

@@ -18,7 +18,9 @@
  *       "other": N, "seconds": S, "rate": N/S}.  A connect() that gets no
  *       answer (a dropped SYN) gives up after CONNECT_TIMEOUT_MS (default
  *       200) and counts as a timeout, so a denied port is told apart from a
- *       closed one (refused).
+ *       closed one (refused).  "other" is any other error; a handful per
+ *       100,000 are ECONNRESET, when a 4-tuple is reused while the previous
+ *       connection's RST is still in flight.
  *
  * Build: gcc -O2 -pthread -o connrate connrate.c
  */

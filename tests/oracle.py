@@ -108,10 +108,12 @@ def lookup(rs: Ruleset, src: str, dst: str, proto: str, port: int) -> bool:
     for direction, me, peer in (("egress", int(s), int(d)), ("ingress", int(d), int(s))):
         if not _in_set(rs, layout.isolated_set(direction, v), (me,)):
             continue
-        if proto_num in (6, 17, 132) and _in_set(rs, layout.allow_set(direction, v),
-                                                (me, peer, proto_num, port)):
+        if proto_num in (6, 17, 132) and any(
+                _in_set(rs, name, (peer, me, proto_num, port))
+                for name in (layout.allow_set(direction, v),
+                             layout.allow_ranges_set(direction, v))):
             continue
-        if _in_set(rs, layout.allow_all_set(direction, v), (me, peer)):
+        if _in_set(rs, layout.allow_all_set(direction, v), (peer, me)):
             continue
         return False
     return True

@@ -330,7 +330,7 @@ def test_overlapping_rules_become_disjoint_elements_with_all_refs():
   ingress: [{from: [{podSelector: {}}], ports: [{port: 85, endPort: 100}]}]"""))
     rs = compile_state(state).ruleset
     _assert_disjoint(rs)
-    comments = set(rs.elements[layout.allow_set("ingress", 4)].values())
+    comments = set(rs.elements[layout.allow_ranges_set("ingress", 4)].values())
     assert any("x/narrow ingress[0]" in c and "x/wide ingress[0]" in c for c in comments)
     assert lookup(rs, pod_ip("x", "b"), pod_ip("x", "a"), "TCP", 95)
     assert not lookup(rs, "10.244.9.9", pod_ip("x", "a"), "TCP", 95)

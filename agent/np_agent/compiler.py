@@ -4,9 +4,11 @@ For every pod of this node that some policy selects, and for each direction it i
 the compiler emits:
 
 * the pod's IPs into ``<direction>-isolated-v4/v6``;
-* ``pod . peer-interval . protocol . port-interval`` boxes into ``<direction>-allow-v4/v6`` for
-  rules with ports, made disjoint per (pod, protocol) because interval sets refuse overlaps;
-* ``pod . peer-interval`` into ``<direction>-allow-all-v4/v6`` for rules without ports.
+* for rules with ports, ``peer . pod . protocol . port`` into ``<direction>-allow-v4/v6`` when
+  the peer is one address and the port one number (a hash set), and otherwise
+  ``peer-interval . pod . protocol . port-interval`` boxes into ``<direction>-allow-ranges-*``,
+  made disjoint per (pod, protocol) because interval sets refuse overlaps;
+* ``peer-interval . pod`` into ``<direction>-allow-all-v4/v6`` for rules without ports.
 
 The union of elements *is* the OR of peers, rules and policies, so a packet needs one lookup
 per set however many policies there are. Element comments name the policy rules behind them.
@@ -17,14 +19,16 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import layout
+from .endpoints import Endpoint
 from .intervals import Interval, Rect, Refs, disjoint_boxes, network_interval, subtract, union
 from .model import (
     EGRESS,
     INGRESS,
     ClusterState,
+    IPAddress,
     LabelSelector,
     Namespace,
     NetworkPolicy,
@@ -196,33 +200,96 @@ def _emit_pod(ruleset: Ruleset, index: Index, pod: Pod, direction: str,
         v, me = ip.version, (int(ip), int(ip))
         ruleset.add_element(layout.isolated_set(key, v), (me,), iso_comment)
         for (version, proto), rects in ports.items():
-            if version != v:
-                continue
-            for addr, span, refs in disjoint_boxes(rects):
-                ruleset.add_element(layout.allow_set(key, v), (me, addr, proto, span),
-                                    _comment("", refs))
+            if version == v:
+                _emit_ports(ruleset, key, v, me, proto, rects)
         for addr, refs in union(any_port.get(v, ())):
-            ruleset.add_element(layout.allow_all_set(key, v), (me, addr), _comment("", refs))
+            ruleset.add_element(layout.allow_all_set(key, v), (addr, me), _comment("", refs))
+
+
+def _emit_ports(ruleset: Ruleset, direction: str, version: int, me: Interval, proto: int,
+                rects: list[Rect]) -> None:
+    """One peer address on one port goes to the hash set (cheap to update, no overlap rules);
+    everything with a range goes to the interval set, made disjoint first."""
+    exact: dict[tuple[Interval, Interval], Refs] = {}
+    ranged: list[Rect] = []
+    for addr, span, refs in rects:
+        if addr[0] == addr[1] and span[0] == span[1]:
+            exact[(addr, span)] = exact.get((addr, span), frozenset()) | refs
+        else:
+            ranged.append((addr, span, refs))
+    for (addr, span), refs in exact.items():
+        ruleset.add_element(layout.allow_set(direction, version), (addr, me, proto, span),
+                            _comment("", refs))
+    for addr, span, refs in disjoint_boxes(ranged):
+        ruleset.add_element(layout.allow_ranges_set(direction, version), (addr, me, proto, span),
+                            _comment("", refs))
 
 
 def is_local(pod: Pod, node_name: str | None) -> bool:
     return node_name is None or pod.node_name == node_name
 
 
-def compile_state(state: ClusterState, node_name: str | None = None) -> Compiled:
+def _with_endpoints(state: ClusterState, endpoints: Iterable[Endpoint]) -> tuple[
+        ClusterState, set[str], list[Endpoint]]:
+    """Give local pods the IPs np-cni assigned (the kubelet publishes status.podIPs later).
+
+    Returns the effective state, the refs of pods wired on this node, and the endpoints whose
+    pod the agent does not know (or knows with another UID: a pod of the same name that was
+    re-created): those stay pending, denied both ways, until their Pod object arrives.
+    """
+    ips: dict[str, list[IPAddress]] = defaultdict(list)
+    pending: list[Endpoint] = []
+    for ep in endpoints:
+        pod = state.pods.get(ep.pod_ref)
+        if pod is None or (pod.uid and ep.uid and pod.uid != ep.uid):
+            pending.append(ep)
+            continue
+        ips[ep.pod_ref].extend(ipaddress.ip_address(ip) for ip in ep.ips)
+    if not ips:
+        return state, set(), pending
+    effective = ClusterState(dict(state.pods), state.namespaces, state.policies)
+    for ref, addrs in ips.items():
+        effective.pods[ref] = replace(state.pods[ref], ips=tuple(dict.fromkeys(addrs)))
+    return effective, set(ips), pending
+
+
+def _emit_endpoints(ruleset: Ruleset, endpoints: Iterable[Endpoint],
+                    pending: list[Endpoint]) -> None:
+    for ep in endpoints:
+        for text in ep.ips:
+            ip = ipaddress.ip_address(text)
+            me = (int(ip), int(ip))
+            ruleset.add_element(layout.pod_ifaces_set(ip.version), (ep.host_if, me), ep.pod_ref)
+    for ep in pending:  # isolated both ways with nothing allowed: denied until known
+        for text in ep.ips:
+            ip = ipaddress.ip_address(text)
+            for direction in ("ingress", "egress"):
+                ruleset.add_element(layout.isolated_set(direction, ip.version),
+                                    ((int(ip), int(ip)),), f"{ep.pod_ref} (Pod not known yet)")
+
+
+def compile_state(state: ClusterState, node_name: str | None = None,
+                  endpoints: Iterable[Endpoint] = ()) -> Compiled:
     """Compile the whole cluster state into the ruleset for one node.
 
     With ``node_name`` None every pod is treated as local (a one-node lab); otherwise pods of
-    other nodes are only peers, and their own isolation is left to their node.
+    other nodes are only peers, and their own isolation is left to their node. ``endpoints``
+    are the attachments np-cni made on this node: their pods are local, with the IPs np-cni
+    gave them.
     """
+    endpoints = list(endpoints)
+    state, wired, pending = _with_endpoints(state, endpoints)
     index = Index(state)
     ruleset = layout.empty_ruleset()
+    _emit_endpoints(ruleset, endpoints, pending)
     reports: list[PodIsolation] = []
     warnings = [f"NetworkPolicy {p.ref} is invalid ({p.invalid}): the pods it selects are "
                 f"isolated both ways with nothing allowed" for p in state.policies.values()
                 if p.invalid]
+    warnings += [f"pod {ep.pod_ref} (container {ep.container_id[:12]}) was wired by np-cni but "
+                 "its Pod object is not known: denied both ways until it is" for ep in pending]
     for pod in sorted(state.pods.values(), key=lambda p: p.ref):
-        if not pod.is_enforceable or not is_local(pod, node_name):
+        if not pod.is_enforceable or not (pod.ref in wired or is_local(pod, node_name)):
             continue
         selecting = [p for p in index.policies_by_ns.get(pod.namespace, ())
                      if p.pod_selector.matches(pod.labels)]

@@ -22,6 +22,7 @@ from typing import Any
 from .nft import Nft
 from .ruleset import (
     ADDRESS_TYPES,
+    IFNAME_TYPE,
     PROTO_NAMES,
     PROTO_NUMBERS,
     PROTO_TYPE,
@@ -41,6 +42,8 @@ def _address(version: int, value: int) -> str:
 
 
 def _render_field(ftype: str, value: Field) -> Any:
+    if ftype == IFNAME_TYPE:
+        return value
     if ftype == PROTO_TYPE:
         assert isinstance(value, int)
         return PROTO_NAMES.get(value, value)
@@ -64,6 +67,8 @@ def render_key(spec: SetSpec, key: Key) -> Any:
 
 
 def _parse_field(ftype: str, value: Any) -> Field:
+    if ftype == IFNAME_TYPE:
+        return str(value)
     if ftype == PROTO_TYPE:
         return value if isinstance(value, int) else PROTO_NUMBERS[value]
     if ftype == SERVICE_TYPE:
@@ -249,8 +254,9 @@ class ApplyResult:
     removed: int
     rewritten_chains: list[str]
     rebuild: bool
-    read_seconds: float
-    transaction_seconds: float
+    read_seconds: float  # listing our table from the kernel
+    plan_seconds: float  # the diff, in Python
+    transaction_seconds: float  # the one nftables batch, kernel included
 
     @property
     def changed(self) -> bool:
@@ -272,10 +278,12 @@ class Dataplane:
         current = self.read(desired)
         t1 = time.perf_counter()
         p = plan(desired, current)
+        t2 = time.perf_counter()
         if p.added or p.removed or p.rewritten_chains or p.rebuild:
             self.nft.transaction(p.commands)
-        t2 = time.perf_counter()
-        return ApplyResult(p.added, p.removed, p.rewritten_chains, p.rebuild, t1 - t0, t2 - t1)
+        t3 = time.perf_counter()
+        return ApplyResult(p.added, p.removed, p.rewritten_chains, p.rebuild,
+                           t1 - t0, t2 - t1, t3 - t2)
 
     def remove(self, family: str, table: str) -> bool:
         """Delete our table (uninstall). Returns False when there was none."""

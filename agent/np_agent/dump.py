@@ -10,10 +10,14 @@ from typing import Any
 
 from .compiler import Compiled, address_text
 from .dataplane import plan
-from .ruleset import ADDRESS_TYPES, PROTO_NAMES, PROTO_TYPE, Key, Ruleset, SetSpec
+from .ruleset import ADDRESS_TYPES, IFNAME_TYPE, PROTO_NAMES, PROTO_TYPE, Key, Ruleset, SetSpec
+
+PRIORITY_NAMES = {0: "filter", -300: "raw"}  # as `nft list` names them
 
 
 def _field_text(ftype: str, value: Any) -> str:
+    if ftype == IFNAME_TYPE:
+        return f'"{value}"'
     if ftype == PROTO_TYPE:
         return PROTO_NAMES.get(value, str(value))
     lo, hi = value
@@ -44,7 +48,8 @@ def ruleset_text(rs: Ruleset) -> str:
     for chain in rs.chains:
         lines.append(f"\tchain {chain.name} {{")
         if chain.is_base:
-            lines.append(f"\t\ttype filter hook {chain.hook} priority {chain.priority}; "
+            prio = PRIORITY_NAMES.get(chain.priority, str(chain.priority))
+            lines.append(f"\t\ttype filter hook {chain.hook} priority {prio}; "
                          f"policy {chain.policy};")
         lines.extend(f'\t\t{r.text} comment "{r.comment}"' for r in chain.rules)
         lines.append("\t}\n")

@@ -3,6 +3,11 @@
 The chains never change with policies or pods; only set elements do. Every new connection
 costs a constant number of rules and set lookups, whatever the number of policies:
 
+    prerouting (hook prerouting, priority raw: before conntrack sees the packet)
+      iifname "np*" meta nfproto vmap { ipv4 : jump antispoof-v4, ipv6 : jump antispoof-v6 }
+    antispoof-v4                                     # packets from np-cni pods' host veths
+      iifname . ip saddr @pod-ifaces-v4 return       # the pod's own address on its own veth
+      counter drop
     forward (hook forward, priority filter, policy accept)
       ct state established,related accept           # replies of allowed connections
       meta nfproto vmap { ipv4 : jump policy-v4, ipv6 : jump policy-v6 }
@@ -12,13 +17,15 @@ costs a constant number of rules and set lookups, whatever the number of policie
       jump ingress-v6
     egress-v4                                        # source's point of view
       ip saddr != @egress-isolated-v4 return         # not isolated: allowed
-      ip saddr . ip daddr . meta l4proto . th dport @egress-allow-v4 return
-      ip saddr . ip daddr @egress-allow-all-v4 return
+      ip daddr . ip saddr . meta l4proto . th dport @egress-allow-v4 return         # hash
+      ip daddr . ip saddr . meta l4proto . th dport @egress-allow-ranges-v4 return  # interval
+      ip daddr . ip saddr @egress-allow-all-v4 return
       counter drop
     ingress-v4                                       # destination's point of view
       ip daddr != @ingress-isolated-v4 return
-      ip daddr . ip saddr . meta l4proto . th dport @ingress-allow-v4 return
-      ip daddr . ip saddr @ingress-allow-all-v4 return
+      ip saddr . ip daddr . meta l4proto . th dport @ingress-allow-v4 return
+      ip saddr . ip daddr . meta l4proto . th dport @ingress-allow-ranges-v4 return
+      ip saddr . ip daddr @ingress-allow-all-v4 return
       counter drop
 
 Traffic between a pod and its own node never crosses the forward hook (it is input/output),
@@ -40,17 +47,30 @@ DIRECTIONS = ("ingress", "egress")
 FAMILIES = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
 
 
+CNI_IFNAME_PREFIX = "np"  # np-cni names every host-side veth np<hash>
+
+
+def pod_ifaces_set(version: int) -> str:
+    """host veth . pod IP: the only source address a pod may use (anti-spoofing)."""
+    return f"pod-ifaces-v{version}"
+
+
 def isolated_set(direction: str, version: int) -> str:
     return f"{direction}-isolated-v{version}"
 
 
 def allow_set(direction: str, version: int) -> str:
-    """pod . peer . protocol . port-range: rules that name ports."""
+    """peer . pod . protocol . port, one address and one port: a hash set, O(1) to update."""
     return f"{direction}-allow-v{version}"
 
 
+def allow_ranges_set(direction: str, version: int) -> str:
+    """peer-range . pod . protocol . port-range (CIDRs, ipBlock minus except, endPort)."""
+    return f"{direction}-allow-ranges-v{version}"
+
+
 def allow_all_set(direction: str, version: int) -> str:
-    """pod . peer: rules without ports, which allow every protocol (ICMP included)."""
+    """peer . pod: rules without ports, which allow every protocol (ICMP included)."""
     return f"{direction}-allow-all-v{version}"
 
 
@@ -78,42 +98,47 @@ def _rule(expr: list[Any], text: str, why: str) -> RuleSpec:
 
 def _sets(version: int) -> list[SetSpec]:
     _, addr = FAMILIES[version]
-    out = []
+    ports = (addr, addr, "inet_proto", "inet_service")
+    out = [SetSpec(pod_ifaces_set(version), ("ifname", addr))]
     for d in DIRECTIONS:
         out.append(SetSpec(isolated_set(d, version), (addr,)))
-        out.append(SetSpec(allow_set(d, version), (addr, addr, "inet_proto", "inet_service"),
-                           interval=True, counter=True))
+        out.append(SetSpec(allow_set(d, version), ports, counter=True))
+        out.append(SetSpec(allow_ranges_set(d, version), ports, interval=True, counter=True))
         out.append(SetSpec(allow_all_set(d, version), (addr, addr), interval=True, counter=True))
     return out
 
 
 def _direction_chain(direction: str, version: int) -> ChainSpec:
+    """Keys start with the peer, not the pod: an interval (pipapo) set narrows by its first
+    field, and every element of a busy pod shares the pod's address. Peer-first made new
+    connections 3.5x faster and loading 10x faster in scripts/bench_packets."""
     ip, _ = FAMILIES[version]
     pod, peer = ("saddr", "daddr") if direction == "egress" else ("daddr", "saddr")
-    iso, allow, allow_all = (isolated_set(direction, version), allow_set(direction, version),
-                             allow_all_set(direction, version))
-    ports_key = {"concat": [_payload(ip, pod), _payload(ip, peer), {"meta": {"key": "l4proto"}},
+    iso = isolated_set(direction, version)
+    ports_key = {"concat": [_payload(ip, peer), _payload(ip, pod), {"meta": {"key": "l4proto"}},
                             _payload("th", "dport")]}
-    any_key = {"concat": [_payload(ip, pod), _payload(ip, peer)]}
-    rules = (
-        _rule([_match(_payload(ip, pod), f"@{iso}", "!="), {"return": None}],
-              f"{ip} {pod} != @{iso} return", f"pod not {direction}-isolated"),
-        _rule([_match(ports_key, f"@{allow}"), {"return": None}],
-              f"{ip} {pod} . {ip} {peer} . meta l4proto . th dport @{allow} return",
-              f"{direction} allowed by a rule with ports"),
-        _rule([_match(any_key, f"@{allow_all}"), {"return": None}],
-              f"{ip} {pod} . {ip} {peer} @{allow_all} return",
-              f"{direction} allowed by a rule without ports"),
-        _rule([{"counter": None}, {"drop": None}], "counter drop",
-              f"{direction}-isolated pod, no policy allows this"),
-    )
-    return ChainSpec(f"{direction}-v{version}", rules)
+    ports_text = f"{ip} {peer} . {ip} {pod} . meta l4proto . th dport"
+    any_key = {"concat": [_payload(ip, peer), _payload(ip, pod)]}
+    rules = [_rule([_match(_payload(ip, pod), f"@{iso}", "!="), {"return": None}],
+                   f"{ip} {pod} != @{iso} return", f"pod not {direction}-isolated")]
+    for name, why in ((allow_set(direction, version), "one peer, one port"),
+                      (allow_ranges_set(direction, version), "peer or port ranges")):
+        rules.append(_rule([_match(ports_key, f"@{name}"), {"return": None}],
+                           f"{ports_text} @{name} return", f"{direction} allowed: {why}"))
+    allow_all = allow_all_set(direction, version)
+    rules.append(_rule([_match(any_key, f"@{allow_all}"), {"return": None}],
+                       f"{ip} {peer} . {ip} {pod} @{allow_all} return",
+                       f"{direction} allowed by a rule without ports"))
+    rules.append(_rule([{"counter": None}, {"drop": None}], "counter drop",
+                       f"{direction}-isolated pod, no policy allows this"))
+    return ChainSpec(f"{direction}-v{version}", tuple(rules))
 
 
 _ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]
 
 
 def _policy_chain(version: int) -> ChainSpec:
+    ip, _ = FAMILIES[version]
     rules = []
     if version == 6:
         rules.append(_rule(
@@ -124,6 +149,37 @@ def _policy_chain(version: int) -> ChainSpec:
         rules.append(_rule([{"jump": {"target": f"{d}-v{version}"}}], f"jump {d}-v{version}",
                            f"{d} policy"))
     return ChainSpec(f"policy-v{version}", tuple(rules))
+
+
+def _antispoof_chain(version: int) -> ChainSpec:
+    ip, _ = FAMILIES[version]
+    ifaces = pod_ifaces_set(version)
+    rules = []
+    if version == 6:  # neighbour discovery uses link-local (and, during DAD, unspecified) sources
+        rules.append(_rule([_match(_payload("ip6", "saddr"),
+                                   {"prefix": {"addr": "fe80::", "len": 10}}), {"return": None}],
+                           "ip6 saddr fe80::/10 return", "link-local sources"))
+        rules.append(_rule([_match(_payload("ip6", "saddr"), "::"), {"return": None}],
+                           "ip6 saddr :: return", "unspecified source (address detection)"))
+    rules.append(_rule([_match({"concat": [{"meta": {"key": "iifname"}}, _payload(ip, "saddr")]},
+                               f"@{ifaces}"), {"return": None}],
+                       f"iifname . {ip} saddr @{ifaces} return", "the pod's own address"))
+    rules.append(_rule([{"counter": None}, {"drop": None}], "counter drop",
+                       "source address is not the pod's own: spoofed"))
+    return ChainSpec(f"antispoof-v{version}", tuple(rules))
+
+
+def _prerouting_chain() -> ChainSpec:
+    rules = (
+        _rule([_match({"meta": {"key": "iifname"}}, f"{CNI_IFNAME_PREFIX}*"),
+               {"vmap": {"key": {"meta": {"key": "nfproto"}},
+                         "data": {"set": [["ipv4", {"jump": {"target": "antispoof-v4"}}],
+                                          ["ipv6", {"jump": {"target": "antispoof-v6"}}]]}}}],
+              f'iifname "{CNI_IFNAME_PREFIX}*" meta nfproto vmap '
+              "{ ipv4 : jump antispoof-v4, ipv6 : jump antispoof-v6 }",
+              "packets from pods wired by np-cni"),
+    )
+    return ChainSpec("prerouting", rules, hook="prerouting", priority=-300, policy="accept")
 
 
 def _forward_chain() -> ChainSpec:
@@ -145,4 +201,5 @@ def empty_ruleset() -> Ruleset:
     sets = [s for v in (4, 6) for s in _sets(v)]
     chains = [_direction_chain(d, v) for v in (4, 6) for d in DIRECTIONS]
     chains += [_policy_chain(4), _policy_chain(6), _forward_chain()]
+    chains += [_antispoof_chain(4), _antispoof_chain(6), _prerouting_chain()]
     return Ruleset(TABLE, FAMILY, {s.name: s for s in sets}, chains)

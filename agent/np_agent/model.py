@@ -103,6 +103,7 @@ class Pod:
     host_network: bool = False
     phase: str = "Running"
     ports: tuple[ContainerPort, ...] = ()
+    uid: str = ""
 
     @property
     def ref(self) -> str:
@@ -324,9 +325,11 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
         raise ctx.error("spec.hostNetwork", "expected true or false")
     node_name = spec.get("nodeName") or ""
     phase = status.get("phase") or "Pending"
+    uid = obj["metadata"].get("uid") or ""
     return Pod(
         namespace, name, labels, tuple(dict.fromkeys(ips)), ctx.string(node_name, "spec.nodeName"),
         host_network, ctx.string(phase, "status.phase"), tuple(ports),
+        ctx.string(uid, "metadata.uid"),
     )
 
 

@@ -6,7 +6,8 @@ and its chains and their rules.
 
 Element keys are canonical so that what the compiler wants and what the kernel reports can be
 compared with ``==``: every address or port field is an inclusive integer interval (lo, hi),
-even when it is a single value, and a protocol field is its IP protocol number.
+even when it is a single value, a protocol field is its IP protocol number, and an interface
+name field is the name.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-Field = int | tuple[int, int]
+Field = int | str | tuple[int, int]
 Key = tuple[Field, ...]
 
 # nftables data types used in set keys, and how a key field of that type is held.
 ADDRESS_TYPES = {"ipv4_addr": 4, "ipv6_addr": 6}
 PROTO_TYPE = "inet_proto"
 SERVICE_TYPE = "inet_service"
+IFNAME_TYPE = "ifname"
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 
