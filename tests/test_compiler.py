@@ -6,6 +6,7 @@ compiled ruleset the way the kernel's chains do.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from pathlib import Path
 
@@ -556,3 +557,34 @@ def test_all_shared_example_files_parse():
     for path in sorted(Path(EXAMPLES).rglob("*.yaml")):
         result = load_manifests([path])
         assert not result.errors, (path, result.errors)
+
+
+# ------------------------------------------------------------------ np-cni endpoints
+
+
+def test_endpoints_give_local_pods_their_ips_and_unknown_pods_stay_denied():
+    from np_agent.endpoints import Endpoint
+
+    base = upstream_model_yaml() + """
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: new, namespace: x, labels: {pod: a}, uid: u-new}
+spec: {nodeName: node-1}"""
+    state = with_policies(policy("deny", "x", "  podSelector: {matchLabels: {pod: a}}\n"
+                                              "  ingress: []"), base=base)
+    eps = [Endpoint("c1", "eth0", "x", "new", "u-new", "np0123456789a", ("10.244.9.1",)),
+           Endpoint("c2", "eth0", "x", "gone", "u-gone", "np0123456789b", ("10.244.9.2",)),
+           Endpoint("c3", "eth0", "x", "new", "u-old", "np0123456789c", ("10.244.9.3",))]
+    compiled = compile_state(state, "node-2", eps)  # no upstream pod is on node-2
+    rs = compiled.ruleset
+    assert [r.pod.ref for r in compiled.pods] == ["x/new"]
+    assert compiled.pods[0].pod.ips == (ipaddress.ip_address("10.244.9.1"),)
+    assert not lookup(rs, pod_ip("x", "b"), "10.244.9.1", "TCP", 80)  # isolated by x/deny
+    for ghost in ("10.244.9.2", "10.244.9.3"):  # unknown pod, and a stale sandbox (old uid)
+        assert not lookup(rs, pod_ip("x", "b"), ghost, "TCP", 80)
+        assert not lookup(rs, ghost, pod_ip("x", "b"), "TCP", 80)
+    assert any("x/gone" in w for w in compiled.warnings)
+    ifaces = rs.elements[layout.pod_ifaces_set(4)]
+    assert ifaces[("np0123456789a", (int_ip("10.244.9.1"),) * 2)] == "x/new"
+    assert len(ifaces) == 3

@@ -7,7 +7,14 @@ import copy
 from conftest import load_yaml, upstream_model_yaml
 from np_agent import layout
 from np_agent.compiler import compile_state
-from np_agent.dataplane import KernelChain, KernelSet, KernelTable, parse_element, plan, render_key
+from np_agent.dataplane import (
+    KernelChain,
+    KernelSet,
+    expected_table,
+    parse_element,
+    plan,
+    render_key,
+)
 from np_agent.ruleset import SetSpec
 from test_compiler import policy
 
@@ -39,16 +46,6 @@ def _desired():
     return compile_state(result.state).ruleset
 
 
-def _kernel_from(desired) -> KernelTable:
-    """What the kernel would report after applying `desired` exactly."""
-    return KernelTable(
-        sets={n: KernelSet(s.key_type, s.interval, dict(desired.elements.get(n, {})))
-              for n, s in desired.sets.items()},
-        chains={c.name: KernelChain(c.hook, c.priority if c.hook else None,
-                                    c.policy if c.hook else None,
-                                    [r.comment for r in c.rules]) for c in desired.chains})
-
-
 def test_first_apply_builds_everything_in_one_batch():
     desired = _desired()
     p = plan(desired, None)
@@ -61,7 +58,7 @@ def test_first_apply_builds_everything_in_one_batch():
 
 def test_steady_state_is_a_no_op_and_changes_touch_only_elements():
     desired = _desired()
-    kernel = _kernel_from(desired)
+    kernel = expected_table(desired)
     p = plan(desired, kernel)
     assert (p.added, p.removed, p.rewritten_chains, p.rebuild) == (0, 0, [], False)
 
@@ -77,7 +74,7 @@ def test_steady_state_is_a_no_op_and_changes_touch_only_elements():
 
 def test_comment_change_replaces_element():
     desired = _desired()
-    kernel = _kernel_from(desired)
+    kernel = expected_table(desired)
     iso = layout.isolated_set("ingress", 4)
     key = next(iter(kernel.sets[iso].elements))
     kernel.sets[iso].elements[key] = "stale comment"
@@ -87,7 +84,7 @@ def test_comment_change_replaces_element():
 
 def test_edited_chain_is_rewritten_not_deleted():
     desired = _desired()
-    kernel = _kernel_from(desired)
+    kernel = expected_table(desired)
     kernel.chains["forward"].comments.append("someone else's rule")
     p = plan(desired, kernel)
     assert p.rewritten_chains == ["forward"] and not p.rebuild
@@ -98,7 +95,7 @@ def test_edited_chain_is_rewritten_not_deleted():
 
 def test_incompatible_set_forces_rebuild_inside_the_same_batch():
     desired = _desired()
-    kernel = _kernel_from(desired)
+    kernel = expected_table(desired)
     kernel.sets[layout.isolated_set("ingress", 4)].key_type = ("ipv6_addr",)
     p = plan(desired, kernel)
     assert p.rebuild and p.commands[0] == {"delete": {"table": {"family": "inet",
@@ -108,7 +105,7 @@ def test_incompatible_set_forces_rebuild_inside_the_same_batch():
 
 def test_stale_objects_of_an_older_layout_are_removed():
     desired = _desired()
-    kernel = _kernel_from(desired)
+    kernel = expected_table(desired)
     kernel.chains["old-chain"] = KernelChain(None, None, None, ["x"])
     kernel.sets["old-set"] = KernelSet(("ipv4_addr",), False, {})
     p = plan(desired, kernel)

@@ -55,6 +55,57 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_INVALID if result.errors else EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    import signal
+    import threading
+    import time
+
+    from .cniserver import CniServer
+    from .endpoints import EndpointStore
+    from .node import NodeAgent
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    log = logging.getLogger("np_agent")
+    node_name = args.node_name or os.environ.get("NODE_NAME")
+    if not node_name:
+        print("np-agent: error: run needs --node-name or NODE_NAME", file=sys.stderr)
+        return EXIT_ERROR
+    if not args.manifests:
+        print("np-agent: error: watching the API server is not available yet; give the cluster "
+              "state with --manifests", file=sys.stderr)
+        return EXIT_ERROR
+    agent = NodeAgent(node_name, EndpointStore(args.endpoints_dir))
+    agent.start()
+    server = CniServer(args.cni_socket, agent)
+    server.serve_in_background()
+    stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
+    for sig, flag in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, reload)):
+        signal.signal(sig, lambda *_, flag=flag: (flag.set(), wake.set()))
+    reload.set()
+    log.info("running on node %s, cni socket %s, endpoints %s", node_name, args.cni_socket,
+             args.endpoints_dir)
+    next_check = time.monotonic() + args.resync_interval
+    while not stop.is_set():
+        if reload.is_set():
+            reload.clear()
+            result = load_manifests(args.manifests)
+            for err in result.errors:
+                log.error("manifest skipped: %s", err)
+            agent.set_state(result.state)
+        wake.wait(max(0.0, next_check - time.monotonic()))
+        wake.clear()
+        if time.monotonic() >= next_check:
+            agent.request_sync(wait=False, verify=True)  # drift check against the kernel
+            next_check = time.monotonic() + args.resync_interval
+    server.close()
+    agent.stop()
+    log.info("stopped; the rules stay in force in the kernel")
+    return EXIT_OK
+
+
 def cmd_remove(args: argparse.Namespace) -> int:
     from . import layout
     from .dataplane import Dataplane
@@ -99,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(CAP_NET_ADMIN).")
     _manifest_args(p)
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("run", help="run the node agent (serves np-cni, keeps the node in sync)",
+                       description="The long-running node agent: programs this node's "
+                                   "dataplane from the cluster state and the pods np-cni "
+                                   "wires, answers np-cni on a unix socket, and repairs drift "
+                                   "periodically. Stopping it leaves the rules in force.")
+    p.add_argument("--manifests", nargs="+", metavar="PATH",
+                   help="static cluster state (files/directories of Pods, Namespaces, "
+                        "NetworkPolicies), re-read on SIGHUP")
+    p.add_argument("--node-name", default=None, metavar="NAME",
+                   help="this node's name (default: $NODE_NAME)")
+    p.add_argument("--cni-socket", default="/run/np-nft/cni.sock", metavar="PATH",
+                   help="unix socket np-cni talks to (default: %(default)s)")
+    p.add_argument("--endpoints-dir", default="/var/lib/np-nft/endpoints", metavar="DIR",
+                   help="where np-cni records pod attachments (default: %(default)s)")
+    p.add_argument("--resync-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="how often the kernel table is listed and drift repaired "
+                        "(default: %(default)s)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="default: %(default)s")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("remove", help="delete table inet np-nft from this network namespace",
                        description="Uninstall: delete np-nft's table. Pods are open afterwards.")

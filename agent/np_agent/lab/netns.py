@@ -145,6 +145,7 @@ class Lab:
         self.node_ns = f"{self.prefix}{NODE}"
         self.workdir = RUN_DIR / self.prefix.rstrip("-_.")
         self._pods: dict[str, LabPod] = {}
+        self._bare: dict[str, str] = {}  # unwired pod namespaces (for a CNI plugin), by name
         self._namespaces: list[str] = []
         self._daemons: dict[str, _Daemon] = {}
         self._spawned: list[subprocess.Popen] = []
@@ -299,6 +300,17 @@ class Lab:
         self._pods[name] = pod
         return pod
 
+    def add_netns(self, name: str) -> str:
+        """An empty pod network namespace, for a CNI plugin to wire; a probe target by name."""
+        self._check_open()
+        if not _POD_NAME_RE.match(name) or name == NODE or name in self._pods or (
+                name in self._bare):
+            raise LabError(f"invalid or duplicate pod name {name!r}")
+        netns = f"{self.prefix}p-{name}"
+        self._add_netns(netns)
+        self._bare[name] = netns
+        return netns
+
     def _new_pod(self, name: str, ipv4: str | None, ipv6: str | None) -> LabPod:
         if not _POD_NAME_RE.match(name) or name == NODE:
             raise LabError(f"invalid pod name {name!r} (DNS label, not {NODE!r})")
@@ -361,6 +373,8 @@ class Lab:
             target = target.name
         if target == NODE:
             return NODE, self.node_ns
+        if target in self._bare:
+            return f"pod-{target}", self._bare[target]
         pod = self.pod(target)
         return f"pod-{pod.name}", pod.netns
 
