@@ -236,16 +236,19 @@ def test_add_wires_pod_and_traffic_flows(node):
 
 
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
-def test_conflist_chained_with_portmap(node, version):
+def test_conflist_chained_with_portmap_and_bandwidth(node, version):
     """A runtime executes each plugin of the list with the previous result, DEL in reverse."""
     netns = node.lab.add_netns(f"pm{version[0]}")
     cid = f"pm-{uuid.uuid4().hex[:8]}"
     runtime = {"portMappings": [{"hostPort": 8080 + int(version[0]), "containerPort": 80,
                                  "protocol": "tcp"}]}
+    shaping = {"bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 1_000_000}}
     plugins = [(NP_CNI, {k: v for k, v in node.conf(version).items()
                          if k not in ("cniVersion", "name")}),
                (REF_PLUGINS / "portmap", {"type": "portmap", "capabilities":
-                                          {"portMappings": True}, "runtimeConfig": runtime})]
+                                          {"portMappings": True}, "runtimeConfig": runtime}),
+               (REF_PLUGINS / "bandwidth", {"type": "bandwidth", "capabilities":
+                                            {"bandwidth": True}, "runtimeConfig": shaping})]
     prev = None
     for path, plugin in plugins:
         conf = {"cniVersion": version, "name": NET, **plugin}
@@ -254,6 +257,9 @@ def test_conflist_chained_with_portmap(node, version):
         rc, prev = node.run_plugin(path, "ADD", conf, cid, netns, pod=("x", "d"))
         assert rc == 0, prev
     v4, _ = ips_of(prev)
+    qdisc = node.lab.run(node.lab.node_ns, ["tc", "qdisc", "show", "dev",
+                                            host_ifname(cid, "eth0")]).stdout
+    assert "tbf" in qdisc  # bandwidth shaped the pod's ingress on our host veth
     if version == "0.4.0":
         assert {i["version"] for i in prev["ips"]} == {"4", "6"}
     node.lab.serve(f"pm{version[0]}", "tcp", 80)
