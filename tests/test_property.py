@@ -10,11 +10,13 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
+from dataclasses import replace
 from types import MappingProxyType
 
 import pytest
 
-from np_agent.compiler import compile_state
+from np_agent.compiler import NodeCompiler, compile_state
+from np_agent.endpoints import Endpoint
 from np_agent.model import (
     EGRESS,
     INGRESS,
@@ -136,3 +138,71 @@ def test_compiled_sets_agree_with_the_api_reference(seed):
         port = rng.choice(PORTS + [rng.randint(1, 65535)])
         want = evaluate(state, src, dst, proto, port)
         assert lookup(rs, src, dst, proto, port) == want, (seed, src, dst, proto, port, want)
+
+
+def _mutate(rng: random.Random, nc: NodeCompiler, step: int) -> None:
+    state = nc.state
+    roll = rng.random()
+    pods = sorted(state.pods)
+    if roll < 0.3 and pods:  # a pod's labels, IPs or ports change
+        pod = state.pods[rng.choice(pods)]
+        host = rng.randrange(1, 255)
+        nc.set_pod(replace(pod, labels=_labels(rng), ports=(
+            ContainerPort("http", rng.choice(PORTS), "TCP"),) if rng.random() < 0.5 else (),
+            ips=pod.ips if rng.random() < 0.5 else (
+                ipaddress.ip_address(f"10.244.1.{host}"),
+                ipaddress.ip_address(f"fd00::1:{host:x}"))))
+    elif roll < 0.4 and pods:
+        nc.delete_pod(rng.choice(pods))
+    elif roll < 0.5:
+        host = rng.randrange(1, 255)
+        nc.set_pod(Pod(rng.choice("xyz"), f"new{step}", _labels(rng),
+                       (ipaddress.ip_address(f"10.244.2.{host}"),),
+                       ports=(ContainerPort("alt", 81, "TCP"),)))
+    elif roll < 0.7:
+        types = rng.choice([{INGRESS}, {EGRESS}, {INGRESS, EGRESS}])
+        name = rng.choice(sorted(state.policies) or ["x/pol0"]).split("/")[1]
+        nc.set_policy(NetworkPolicy(rng.choice("xyz"), name, _selector(rng), frozenset(types),
+                                    tuple(_rule(rng) for _ in range(rng.choice([0, 1, 2]))),
+                                    tuple(_rule(rng) for _ in range(rng.choice([0, 1, 2])))))
+    elif roll < 0.8 and state.policies:
+        nc.delete_policy(rng.choice(sorted(state.policies)))
+    elif roll < 0.9:
+        name = rng.choice("xyz")
+        nc.set_namespace(Namespace(name, MappingProxyType(
+            {"kubernetes.io/metadata.name": name, **_labels(rng)})))
+    else:  # np-cni wires a pod (with its own IPs) or unwires one
+        eps = dict(nc.endpoints)
+        if eps and rng.random() < 0.4:
+            eps.pop(rng.choice(sorted(eps)))
+        else:
+            ref = rng.choice(pods + ["x/ghost"])
+            host = rng.randrange(1, 255)
+            ns, name = ref.split("/")
+            eps[(f"c{step}", "eth0")] = Endpoint(f"c{step}", "eth0", ns, name, "",
+                                                 f"np{step:011d}", (f"10.244.3.{host}",))
+        nc.set_endpoints(eps.values())
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_incremental_updates_equal_a_fresh_compile(seed):
+    """After every change, the incrementally kept elements equal a compile from scratch, and
+    the deltas handed out add up to them (they are what the kernel receives)."""
+    rng = random.Random(1000 + seed)
+    nc = NodeCompiler(None)
+    nc.replace_state(random_state(seed))
+    kernel: dict[str, dict] = {}
+    for step in range(40):
+        delta = nc.update()
+        for name, items in delta.removed.items():
+            for key, comment in items.items():
+                assert kernel[name].pop(key) == comment
+        for name, items in delta.added.items():
+            for key, comment in items.items():
+                assert key not in kernel.setdefault(name, {})
+                kernel[name][key] = comment
+        fresh = compile_state(nc.state, None, nc.endpoints.values()).ruleset.elements
+        got = {n: dict(v) for n, v in nc.elements.items() if v}
+        assert got == fresh, (seed, step)
+        assert {n: v for n, v in kernel.items() if v} == fresh, (seed, step)
+        _mutate(rng, nc, step)

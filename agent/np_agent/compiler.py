@@ -1,4 +1,4 @@
-"""NetworkPolicy -> desired nftables ruleset. A pure function: no kernel, no network.
+"""NetworkPolicy -> nftables set elements for one node. Pure: no kernel, no network.
 
 For every pod of this node that some policy selects, and for each direction it is isolated in,
 the compiler emits:
@@ -12,6 +12,11 @@ the compiler emits:
 
 The union of elements *is* the OR of peers, rules and policies, so a packet needs one lookup
 per set however many policies there are. Element comments name the policy rules behind them.
+
+``NodeCompiler`` keeps what each policy contributes to each local pod, so a change recomputes
+only the (pod, policy) pairs it can affect: a pod's label change re-resolves the policies that
+could select it as a peer, not every policy; a policy change touches only the pods it selects.
+``compile_state`` is the same machinery run once over a whole cluster state.
 """
 
 from __future__ import annotations
@@ -23,35 +28,14 @@ from dataclasses import dataclass, field, replace
 
 from . import layout
 from .endpoints import Endpoint
-from .intervals import Interval, Rect, Refs, disjoint_boxes, network_interval, subtract, union
-from .model import (
-    EGRESS,
-    INGRESS,
-    ClusterState,
-    IPAddress,
-    LabelSelector,
-    Namespace,
-    NetworkPolicy,
-    Peer,
-    Pod,
-    PolicyPort,
-    Rule,
-)
-from .ruleset import PROTO_NUMBERS, Ruleset
+from .intervals import Interval, Rect, Refs, disjoint_boxes, union
+from .model import EGRESS, INGRESS, ClusterState, Namespace, NetworkPolicy, Pod, Rule
+from .peers import Index, Target, egress_named, port_interval, resolve_peers
+from .ruleset import PROTO_NUMBERS, Key, Ruleset
 
-ALL_PORTS: Interval = (0, 65535)
-FULL_RANGE = {4: (0, 2**32 - 1), 6: (0, 2**128 - 1)}
 COMMENT_MAX = 127  # nft keeps at most 128 bytes of comment
-
-
-@dataclass(frozen=True)
-class Target:
-    """One resolved peer: an address interval of one IP version, and the pod behind it when
-    it is a single pod (needed to resolve egress named ports on the destination pod)."""
-
-    version: int
-    interval: Interval
-    pod: Pod | None = None
+Element = tuple[str, Key]  # (set name, key)
+DIRECTIONS = ((INGRESS, "ingress"), (EGRESS, "egress"))
 
 
 @dataclass
@@ -70,84 +54,21 @@ class Compiled:
     warnings: list[str]
 
 
-class Index:
-    """Lookups the compiler needs many times, built once per cluster state."""
+@dataclass
+class Delta:
+    """Element changes since the last ``NodeCompiler.update``: set -> key -> comment."""
 
-    def __init__(self, state: ClusterState) -> None:
-        self.state = state
-        self.pods_by_ns: dict[str, list[Pod]] = defaultdict(list)
-        self.named: dict[tuple[str, str], list[tuple[int, int, int]]] = defaultdict(list)
-        for pod in state.pods.values():
-            if not pod.is_enforceable:
-                continue
-            self.pods_by_ns[pod.namespace].append(pod)
-            for cp in pod.ports:
-                for ip in pod.ips:
-                    self.named[(cp.name, cp.protocol)].append((ip.version, int(ip), cp.port))
-        self.policies_by_ns: dict[str, list[NetworkPolicy]] = defaultdict(list)
-        for pol in state.policies.values():
-            self.policies_by_ns[pol.namespace].append(pol)
-        self._ns_cache: dict[LabelSelector, list[str]] = {}
+    added: dict[str, dict[Key, str]] = field(default_factory=dict)
+    removed: dict[str, dict[Key, str]] = field(default_factory=dict)
 
-    def namespace(self, name: str) -> Namespace:
-        # A namespace we were not told about still carries the label the API server sets.
-        return self.state.namespaces.get(name) or Namespace(
-            name, {"kubernetes.io/metadata.name": name})
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
 
-    def namespaces_matching(self, selector: LabelSelector) -> list[str]:
-        if selector not in self._ns_cache:
-            names = set(self.state.namespaces) | set(self.pods_by_ns)
-            self._ns_cache[selector] = [n for n in sorted(names)
-                                        if selector.matches(self.namespace(n).labels)]
-        return self._ns_cache[selector]
+    def count(self) -> tuple[int, int]:
+        return (sum(map(len, self.added.values())), sum(map(len, self.removed.values())))
 
 
-def _pod_targets(pods: Iterable[Pod]) -> list[Target]:
-    return [Target(ip.version, (int(ip), int(ip)), pod) for pod in pods for ip in pod.ips]
-
-
-def resolve_peer(index: Index, policy: NetworkPolicy, peer: Peer) -> list[Target]:
-    """The addresses one from/to entry stands for."""
-    if peer.ip_block is not None:
-        block = peer.ip_block
-        holes = [network_interval(e) for e in block.excepts]
-        return [Target(block.cidr.version, iv)
-                for iv in subtract(network_interval(block.cidr), holes)]
-    if peer.namespace_selector is None:
-        namespaces = [policy.namespace]
-    else:
-        namespaces = index.namespaces_matching(peer.namespace_selector)
-    selector = peer.pod_selector or LabelSelector()
-    return _pod_targets(p for ns in namespaces for p in index.pods_by_ns.get(ns, ())
-                        if selector.matches(p.labels))
-
-
-def resolve_peers(index: Index, policy: NetworkPolicy, rule: Rule) -> list[Target]:
-    if not rule.peers:  # from/to absent or empty: every address
-        return [Target(v, FULL_RANGE[v]) for v in (4, 6)]
-    return [t for peer in rule.peers for t in resolve_peer(index, policy, peer)]
-
-
-def _port_interval(port: PolicyPort) -> Interval:
-    if port.port is None:
-        return ALL_PORTS
-    assert isinstance(port.port, int)
-    return port.port, port.end_port or port.port
-
-
-def _egress_named(index: Index, port: PolicyPort, target: Target) -> list[tuple[Interval, int]]:
-    """An egress named port is resolved on each destination pod: find the pods inside the
-    target that declare that name, each with its own number."""
-    assert isinstance(port.port, str)
-    if target.pod is not None:
-        number = target.pod.named_port(port.port, port.protocol)
-        return [] if number is None else [(target.interval, number)]
-    lo, hi = target.interval
-    return [((ip, ip), number) for version, ip, number in index.named[(port.port, port.protocol)]
-            if version == target.version and lo <= ip <= hi]
-
-
-def _comment(prefix: str, refs: Iterable[str]) -> str:
+def comment_for(refs: Iterable[str], prefix: str = "") -> str:
     refs = sorted(refs)
     text = prefix + ", ".join(refs)
     shown = len(refs)
@@ -157,151 +78,544 @@ def _comment(prefix: str, refs: Iterable[str]) -> str:
     return text[:COMMENT_MAX]
 
 
-def _gather(index: Index, pod: Pod, direction: str, policies: list[NetworkPolicy]) -> (
-        tuple[dict[tuple[int, int], list[Rect]], dict[int, list[tuple[Interval, Refs]]]]):
-    """Collect the (peer x port) rectangles every rule of every policy allows for this pod."""
-    ports: dict[tuple[int, int], list[Rect]] = defaultdict(list)
-    any_port: dict[int, list[tuple[Interval, Refs]]] = defaultdict(list)
-    key = "ingress" if direction == INGRESS else "egress"
-    for policy in policies:
-        for i, rule in enumerate(getattr(policy, key)):
-            refs = frozenset([f"{policy.ref} {key}[{i}]"])
-            targets = resolve_peers(index, policy, rule)
-            if not rule.ports:
-                for t in targets:
-                    any_port[t.version].append((t.interval, refs))
-                continue
-            for port in rule.ports:
-                proto = PROTO_NUMBERS[port.protocol.lower()]
-                if isinstance(port.port, str):
-                    if direction == INGRESS:  # resolved on the destination: this pod
-                        number = pod.named_port(port.port, port.protocol)
-                        if number is not None:
-                            for t in targets:
-                                ports[(t.version, proto)].append((t.interval, (number, number),
-                                                                  refs))
-                    else:
-                        for t in targets:
-                            for iv, number in _egress_named(index, port, t):
-                                ports[(t.version, proto)].append((iv, (number, number), refs))
-                    continue
-                span = _port_interval(port)
-                for t in targets:
-                    ports[(t.version, proto)].append((t.interval, span, refs))
-    return ports, any_port
-
-
-def _emit_pod(ruleset: Ruleset, index: Index, pod: Pod, direction: str,
-              policies: list[NetworkPolicy]) -> None:
-    key = "ingress" if direction == INGRESS else "egress"
-    ports, any_port = _gather(index, pod, direction, policies)
-    iso_comment = _comment(f"{pod.ref} by ", (p.ref for p in policies))
-    for ip in pod.ips:
-        v, me = ip.version, (int(ip), int(ip))
-        ruleset.add_element(layout.isolated_set(key, v), (me,), iso_comment)
-        for (version, proto), rects in ports.items():
-            if version == v:
-                _emit_ports(ruleset, key, v, me, proto, rects)
-        for addr, refs in union(any_port.get(v, ())):
-            ruleset.add_element(layout.allow_all_set(key, v), (addr, me), _comment("", refs))
-
-
-def _emit_ports(ruleset: Ruleset, direction: str, version: int, me: Interval, proto: int,
-                rects: list[Rect]) -> None:
-    """One peer address on one port goes to the hash set (cheap to update, no overlap rules);
-    everything with a range goes to the interval set, made disjoint first."""
-    exact: dict[tuple[Interval, Interval], Refs] = {}
-    ranged: list[Rect] = []
-    for addr, span, refs in rects:
-        if addr[0] == addr[1] and span[0] == span[1]:
-            exact[(addr, span)] = exact.get((addr, span), frozenset()) | refs
-        else:
-            ranged.append((addr, span, refs))
-    for (addr, span), refs in exact.items():
-        ruleset.add_element(layout.allow_set(direction, version), (addr, me, proto, span),
-                            _comment("", refs))
-    for addr, span, refs in disjoint_boxes(ranged):
-        ruleset.add_element(layout.allow_ranges_set(direction, version), (addr, me, proto, span),
-                            _comment("", refs))
-
-
 def is_local(pod: Pod, node_name: str | None) -> bool:
     return node_name is None or pod.node_name == node_name
 
 
-def _with_endpoints(state: ClusterState, endpoints: Iterable[Endpoint]) -> tuple[
-        ClusterState, set[str], list[Endpoint]]:
-    """Give local pods the IPs np-cni assigned (the kubelet publishes status.podIPs later).
+# ------------------------------------------------------------------ one policy, one pod
 
-    Returns the effective state, the refs of pods wired on this node, and the endpoints whose
-    pod the agent does not know (or knows with another UID: a pod of the same name that was
-    re-created): those stay pending, denied both ways, until their Pod object arrives.
-    """
-    ips: dict[str, list[IPAddress]] = defaultdict(list)
-    pending: list[Endpoint] = []
-    for ep in endpoints:
-        pod = state.pods.get(ep.pod_ref)
-        if pod is None or (pod.uid and ep.uid and pod.uid != ep.uid):
-            pending.append(ep)
+
+@dataclass
+class _Contribution:
+    """What one policy allows one local pod in one direction, keyed on the pod's own IPs."""
+
+    exact: dict[Element, Refs] = field(default_factory=dict)
+    ranged: dict[tuple[str, int, Interval], list[Rect]] = field(default_factory=dict)
+    any: dict[Element, list[tuple[Interval, Refs]]] = field(default_factory=dict)
+
+
+def _groups_of(c: _Contribution) -> set[tuple]:
+    """The element groups of a pod a contribution feeds: what must be re-assembled."""
+    return ({("ranged", *k) for k in c.ranged} | {("any", *k) for k in c.any})
+
+
+def _my_addresses(pod: Pod) -> dict[int, list[Interval]]:
+    out: dict[int, list[Interval]] = defaultdict(list)
+    for ip in pod.ips:
+        out[ip.version].append((int(ip), int(ip)))
+    return out
+
+
+def _rule_boxes(index: Index, pod: Pod, direction: str, rule: Rule,
+                targets: list[Target]) -> list[tuple[int, int, Interval, Interval]]:
+    """(version, protocol, peer interval, port interval) for a rule that names ports."""
+    out = []
+    for port in rule.ports:
+        proto = PROTO_NUMBERS[port.protocol.lower()]
+        if isinstance(port.port, str):
+            if direction == INGRESS:  # resolved on the destination: this pod
+                number = pod.named_port(port.port, port.protocol)
+                if number is not None:
+                    out += [(t.version, proto, t.interval, (number, number)) for t in targets]
+            else:  # resolved on each destination peer
+                out += [(t.version, proto, iv, (n, n)) for t in targets
+                        for iv, n in egress_named(index, port, t)]
             continue
-        ips[ep.pod_ref].extend(ipaddress.ip_address(ip) for ip in ep.ips)
-    if not ips:
-        return state, set(), pending
-    effective = ClusterState(dict(state.pods), state.namespaces, state.policies)
-    for ref, addrs in ips.items():
-        effective.pods[ref] = replace(state.pods[ref], ips=tuple(dict.fromkeys(addrs)))
-    return effective, set(ips), pending
+        span = port_interval(port)
+        out += [(t.version, proto, t.interval, span) for t in targets]
+    return out
 
 
-def _emit_endpoints(ruleset: Ruleset, endpoints: Iterable[Endpoint],
-                    pending: list[Endpoint]) -> None:
-    for ep in endpoints:
-        for text in ep.ips:
-            ip = ipaddress.ip_address(text)
-            me = (int(ip), int(ip))
-            ruleset.add_element(layout.pod_ifaces_set(ip.version), (ep.host_if, me), ep.pod_ref)
-    for ep in pending:  # isolated both ways with nothing allowed: denied until known
-        for text in ep.ips:
-            ip = ipaddress.ip_address(text)
-            for direction in ("ingress", "egress"):
-                ruleset.add_element(layout.isolated_set(direction, ip.version),
-                                    ((int(ip), int(ip)),), f"{ep.pod_ref} (Pod not known yet)")
+def contribution(index: Index, pod: Pod, direction: str, policy: NetworkPolicy) -> _Contribution:
+    key = "ingress" if direction == INGRESS else "egress"
+    mine = _my_addresses(pod)
+    c = _Contribution()
+    for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
+        refs = frozenset([f"{policy.ref} {key}[{i}]"])
+        targets = resolve_peers(index, policy, rule)
+        if not rule.ports:
+            for t in targets:
+                for me in mine.get(t.version, ()):
+                    c.any.setdefault((layout.allow_all_set(key, t.version), me), []).append(
+                        (t.interval, refs))
+            continue
+        for version, proto, peer, span in _rule_boxes(index, pod, direction, rule, targets):
+            for me in mine.get(version, ()):
+                if peer[0] == peer[1] and span[0] == span[1]:
+                    el = (layout.allow_set(key, version), (peer, me, proto, span))
+                    c.exact[el] = c.exact.get(el, frozenset()) | refs
+                else:
+                    c.ranged.setdefault((layout.allow_ranges_set(key, version), proto, me),
+                                        []).append((peer, span, refs))
+    return c
+
+
+# ------------------------------------------------------------------ the node
+
+
+class NodeCompiler:
+    """The node's desired elements, kept up to date change by change."""
+
+    def __init__(self, node_name: str | None = None) -> None:
+        self.node_name = node_name
+        self.state = ClusterState()
+        self.endpoints: dict[tuple[str, str], Endpoint] = {}
+        self.elements: dict[str, dict[Key, str]] = defaultdict(dict)
+        self._raw: dict[str, Pod] = {}  # pods with np-cni's IPs applied
+        self._effective: dict[str, Pod] = {}  # the same, each IP kept by one pod only
+        self._contrib: dict[str, dict[tuple[str, str], _Contribution]] = {}
+        self._targets: dict[str, set[str]] = defaultdict(set)  # policy ref -> local pod refs
+        self._exact: dict[Element, dict[str, int]] = {}  # element -> policy rule -> count
+        self._owned: dict[tuple, dict[Element, str]] = {}  # owner -> non-exact elements placed
+        self._claims: dict[Element, dict[tuple, str]] = {}  # element -> owner -> comment
+        self._groups: dict[str, set[tuple]] = defaultdict(set)  # pod ref -> its element groups
+        self._dirty_groups: dict[str, set[tuple]] = defaultdict(set)
+        self._exact_dirty: set[Element] = set()
+        self._before: dict[Element, str | None] = {}  # first value of each touched element
+        self._index: Index | None = None
+        self._by_ns: dict[str, dict[str, NetworkPolicy]] = defaultdict(dict)
+        self._full = True
+        self._changed_pods: set[str] = set()
+        self._changed_policies: dict[str, NetworkPolicy | None] = {}
+        self._changed_ns: dict[str, Namespace | None] = {}
+        self._endpoints_changed = False
+
+    # ---------------------------------------------------------------- inputs
+
+    def set_pod(self, pod: Pod) -> None:
+        self._changed_pods.add(pod.ref)
+        self.state.pods[pod.ref] = pod
+
+    def delete_pod(self, ref: str) -> None:
+        self._changed_pods.add(ref)
+        self.state.pods.pop(ref, None)
+
+    def set_policy(self, policy: NetworkPolicy) -> None:
+        self._changed_policies.setdefault(policy.ref, self.state.policies.get(policy.ref))
+        self.state.policies[policy.ref] = policy
+        self._by_ns[policy.namespace][policy.ref] = policy
+
+    def delete_policy(self, ref: str) -> None:
+        old = self.state.policies.pop(ref, None)
+        self._changed_policies.setdefault(ref, old)
+        if old is not None:
+            self._by_ns[old.namespace].pop(ref, None)
+
+    def set_namespace(self, ns: Namespace) -> None:
+        self._changed_ns.setdefault(ns.name, self.state.namespaces.get(ns.name))
+        self.state.namespaces[ns.name] = ns
+
+    def delete_namespace(self, name: str) -> None:
+        self._changed_ns.setdefault(name, self.state.namespaces.get(name))
+        self.state.namespaces.pop(name, None)
+
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        new = {(e.container_id, e.ifname): e for e in endpoints}
+        if new == self.endpoints:
+            return
+        for key in new.keys() | self.endpoints.keys():
+            for ep in (new.get(key), self.endpoints.get(key)):
+                if ep is not None:
+                    self._changed_pods.add(ep.pod_ref)
+        self.endpoints = new
+        self._endpoints_changed = True
+
+    def replace_state(self, state: ClusterState) -> None:
+        """A whole new state (first list, relist after 410): recompute everything."""
+        self.state = ClusterState(dict(state.pods), dict(state.namespaces),
+                                  dict(state.policies))
+        self._full = True
+
+    # ---------------------------------------------------------------- compile
+
+    def update(self) -> Delta:
+        """Bring the elements up to date with every input since the last call."""
+        if self._full:
+            self._recompute_all()
+        else:
+            self._recompute_changes()
+        self._changed_pods.clear()
+        self._changed_policies.clear()
+        self._changed_ns.clear()
+        self._endpoints_changed = False
+        self._full = False
+        self._flush_exact()
+        return self._take_delta()
+
+    def _recompute_all(self) -> None:
+        self._raw = {ref: pod for ref in self.state.pods
+                     if (pod := self._effective_pod(ref)) is not None}
+        self._effective = self._unique_ips(self._raw)
+        self._index = Index(self._effective.values(), self.state.namespaces)
+        self._by_ns = defaultdict(dict)
+        for policy in self.state.policies.values():
+            self._by_ns[policy.namespace][policy.ref] = policy
+        for ref in list(self._contrib):
+            self._drop_pod(ref)
+        for ref in list(self._groups):
+            self._assemble(ref)
+        for ref in self._local_refs():
+            self._rebuild_pod(ref)
+        self._assemble_endpoints()
+
+    def _recompute_changes(self) -> None:
+        old_pods: dict[str, Pod | None] = {}
+        if self._changed_pods:
+            for ref in self._changed_pods:
+                pod = self._effective_pod(ref)
+                if pod is None:
+                    self._raw.pop(ref, None)
+                else:
+                    self._raw[ref] = pod
+            effective = self._unique_ips(self._raw)
+            old_pods = {r: self._effective.get(r) for r in effective.keys() | self._effective.keys()
+                        if effective.get(r) is not self._effective.get(r)}
+            self._effective = effective
+        if old_pods or self._changed_ns:
+            self._index = Index(self._effective.values(), self.state.namespaces)
+        index = self._require_index()
+        pairs: set[tuple[str, str]] = set()
+        full: set[str] = set()
+        for ref, old in old_pods.items():
+            new = self._effective.get(ref)
+            full.add(ref)
+            for policy in self.state.policies.values():
+                if any(p is not None and self._peer_relevant(policy, p) for p in (old, new)):
+                    pairs.update((t, policy.ref) for t in self._targets.get(policy.ref, ()))
+        for name, old_ns in self._changed_ns.items():
+            labels = [n.labels for n in (old_ns, self.state.namespaces.get(name)) if n]
+            labels.append(index.namespace(name).labels)
+            for policy in self.state.policies.values():
+                if self._ns_relevant(policy, labels):
+                    pairs.update((t, policy.ref) for t in self._targets.get(policy.ref, ()))
+        for ref, old_policy in self._changed_policies.items():
+            new_policy = self.state.policies.get(ref)
+            pairs.update((t, ref) for t in self._targets.get(ref, ()))
+            for pol in (old_policy, new_policy):
+                if pol is None:
+                    continue
+                for pod in index.pods_by_ns.get(pol.namespace, ()):
+                    if self._is_target(pod) and pol.pod_selector.matches(pod.labels):
+                        pairs.add((pod.ref, ref))
+        for ref in full:
+            if self._is_target_ref(ref):
+                self._rebuild_pod(ref)
+            else:
+                self._drop_pod(ref)
+                self._assemble(ref)
+        for pod_ref, policy_ref in pairs - {(p, q) for p, q in pairs if p in full}:
+            self._recompute_pair(pod_ref, policy_ref)
+        for pod_ref in {p for p, _ in pairs} - full:
+            self._assemble(pod_ref)
+        if self._endpoints_changed or old_pods:
+            self._assemble_endpoints()
+
+    # ---------------------------------------------------------------- pods and pairs
+
+    def _unique_ips(self, pods: dict[str, Pod]) -> dict[str, Pod]:
+        """Give each IP to one pod only (a pod np-cni wired here first, then by name).
+
+        Two live pods can briefly hold the same IP (a deleted pod whose object lingers while
+        its IP went to a new pod); one element per IP keeps the sets consistent and disjoint.
+        Pods keep their identity (``is``) when nothing changes, which is how changes are found.
+        """
+        owners: dict[object, str] = {}
+        wired = {e.pod_ref for e in self.endpoints.values()}
+        for ref in sorted(pods, key=lambda r: (r not in wired, r)):
+            if pods[ref].is_enforceable:
+                for ip in pods[ref].ips:
+                    owners.setdefault(ip, ref)
+        out = {}
+        for ref, pod in pods.items():
+            keep = tuple(ip for ip in pod.ips if owners.get(ip, ref) == ref)
+            out[ref] = pod if keep == pod.ips else replace(pod, ips=keep)
+        return out
+
+    def _wired(self, ref: str, pod: Pod) -> list[Endpoint]:
+        return [e for e in self.endpoints.values() if e.pod_ref == ref
+                and not (pod.uid and e.uid and pod.uid != e.uid)]
+
+    def _effective_pod(self, ref: str) -> Pod | None:
+        pod = self.state.pods.get(ref)
+        if pod is None:
+            return None
+        wired = self._wired(ref, pod)
+        if not wired:
+            return pod
+        ips = tuple(dict.fromkeys(ipaddress.ip_address(ip) for e in wired for ip in e.ips))
+        return replace(pod, ips=ips)
+
+    def _is_target(self, pod: Pod) -> bool:
+        return pod.is_enforceable and (is_local(pod, self.node_name)
+                                       or bool(self._wired(pod.ref, pod)))
+
+    def _is_target_ref(self, ref: str) -> bool:
+        pod = self._effective.get(ref)
+        return pod is not None and self._is_target(pod)
+
+    def _local_refs(self) -> list[str]:
+        return sorted(r for r, p in self._effective.items() if self._is_target(p))
+
+    def _require_index(self) -> Index:
+        if self._index is None:
+            self._index = Index(self._effective.values(), self.state.namespaces)
+        return self._index
+
+    def _selecting(self, pod: Pod) -> list[NetworkPolicy]:
+        return [p for p in self._by_ns.get(pod.namespace, {}).values()
+                if p.pod_selector.matches(pod.labels)]
+
+    def _rebuild_pod(self, ref: str) -> None:
+        self._drop_pod(ref)
+        pod = self._effective[ref]
+        self._contrib[ref] = {}
+        for policy in self._selecting(pod):
+            self._set_pair(pod, policy)
+        self._assemble(ref)
+
+    def _drop_pod(self, ref: str) -> None:
+        for (policy_ref, _), c in self._contrib.pop(ref, {}).items():
+            self._targets[policy_ref].discard(ref)
+            self._count_exact(c, -1)
+            self._dirty_groups[ref] |= _groups_of(c)
+
+    def _set_pair(self, pod: Pod, policy: NetworkPolicy) -> None:
+        index = self._require_index()
+        self._targets[policy.ref].add(pod.ref)
+        for direction, _ in DIRECTIONS:
+            if direction in policy.policy_types:
+                c = contribution(index, pod, direction, policy)
+                self._contrib[pod.ref][(policy.ref, direction)] = c
+                self._count_exact(c, +1)
+                self._dirty_groups[pod.ref] |= _groups_of(c)
+
+    def _recompute_pair(self, pod_ref: str, policy_ref: str) -> None:
+        pairs = self._contrib.get(pod_ref)
+        if pairs is None:
+            return
+        for direction, _ in DIRECTIONS:
+            old = pairs.pop((policy_ref, direction), None)
+            if old is not None:
+                self._count_exact(old, -1)
+                self._dirty_groups[pod_ref] |= _groups_of(old)
+        self._targets[policy_ref].discard(pod_ref)
+        pod = self._effective.get(pod_ref)
+        policy = self.state.policies.get(policy_ref)
+        if pod is not None and policy is not None and policy.namespace == pod.namespace and (
+                policy.pod_selector.matches(pod.labels)):
+            self._set_pair(pod, policy)
+
+    # ---------------------------------------------------------------- which changes matter
+
+    def _peer_relevant(self, policy: NetworkPolicy, pod: Pod) -> bool:
+        """Could this pod be one of the policy's peers (before or after a change)?"""
+        for direction, rules in ((INGRESS, policy.ingress), (EGRESS, policy.egress)):
+            for rule in rules:
+                named = direction == EGRESS and pod.ports and any(
+                    isinstance(p.port, str) for p in rule.ports)
+                if not rule.peers:
+                    if named:
+                        return True
+                    continue
+                for peer in rule.peers:
+                    if peer.ip_block is not None:
+                        if named and any(ip in peer.ip_block.cidr for ip in pod.ips
+                                         if ip.version == peer.ip_block.cidr.version):
+                            return True
+                        continue
+                    if peer.namespace_selector is None:
+                        if pod.namespace != policy.namespace:
+                            continue
+                    elif not peer.namespace_selector.matches(self._ns_labels(pod.namespace)):
+                        continue  # namespace label changes are handled on their own
+                    if peer.pod_selector is None or peer.pod_selector.matches(pod.labels):
+                        return True
+        return False
+
+    def _ns_labels(self, name: str) -> object:
+        return self._require_index().namespace(name).labels
+
+    @staticmethod
+    def _ns_relevant(policy: NetworkPolicy, labels: list) -> bool:
+        return any(peer.namespace_selector is not None and any(
+            peer.namespace_selector.matches(lab) for lab in labels)
+            for rule in (*policy.ingress, *policy.egress) for peer in rule.peers)
+
+    # ---------------------------------------------------------------- elements
+
+    def _touch(self, el: Element) -> None:
+        if el not in self._before:
+            self._before[el] = self.elements[el[0]].get(el[1])
+
+    def _put(self, el: Element, comment: str) -> None:
+        self._touch(el)
+        self.elements[el[0]][el[1]] = comment
+
+    def _drop(self, el: Element) -> None:
+        self._touch(el)
+        self.elements[el[0]].pop(el[1], None)
+
+    def _count_exact(self, c: _Contribution, sign: int) -> None:
+        exact, dirty = self._exact, self._exact_dirty
+        for el, refs in c.exact.items():
+            counts = exact.get(el)
+            if counts is None:
+                counts = exact[el] = {}
+            for r in refs:
+                n = counts.get(r, 0) + sign
+                if n:
+                    counts[r] = n
+                else:
+                    del counts[r]
+            dirty.add(el)
+
+    def _flush_exact(self) -> None:
+        """Comments of the exact elements whose refs changed, computed once per update."""
+        for el in self._exact_dirty:
+            counts = self._exact.get(el)
+            if counts:
+                self._put(el, comment_for(counts))
+            else:
+                self._exact.pop(el, None)
+                self._drop(el)
+        self._exact_dirty.clear()
+
+    def _place(self, owner: tuple, wanted: dict[Element, str]) -> None:
+        """Make ``owner``'s non-exact elements exactly ``wanted``.
+
+        An element may be claimed by two owners for a moment (a pod handing its IP over to
+        another, in whichever order they are recomputed): claims are counted, and the element
+        goes only when nobody claims it.
+        """
+        old = self._owned.pop(owner, {})
+        for el in old.keys() - wanted.keys():
+            claims = self._claims[el]
+            del claims[owner]
+            if claims:
+                self._put(el, claims[min(claims)])
+            else:
+                del self._claims[el]
+                self._drop(el)
+        for el, comment in wanted.items():
+            if old.get(el) != comment:
+                claims = self._claims.setdefault(el, {})
+                claims[owner] = comment
+                self._put(el, claims[min(claims)])
+        if wanted:
+            self._owned[owner] = wanted
+
+    def _assemble(self, ref: str) -> None:
+        """Isolation elements of one pod, and its ranged and allow-all groups whose
+        contributions changed (the others stay as they are: a big pod has thousands)."""
+        pod = self._effective.get(ref)
+        pairs = self._contrib.get(ref, {})
+        iso: dict[Element, str] = {}
+        if pod is not None:
+            for direction, key in DIRECTIONS:
+                policies = sorted(p for p, d in pairs if d == direction)
+                for ip in pod.ips if policies else ():
+                    iso[(layout.isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
+                        comment_for(policies, f"{ref} by "))
+        self._place((ref, ("iso",)), iso)
+        for group in self._dirty_groups.pop(ref, set()):
+            wanted: dict[Element, str] = {}
+            if group[0] == "ranged":
+                _, name, proto, me = group
+                rects = [r for c in pairs.values() for r in c.ranged.get((name, proto, me), ())]
+                for peer, span, refs in disjoint_boxes(rects):
+                    wanted[(name, (peer, me, proto, span))] = comment_for(refs)
+            else:
+                _, name, me = group
+                items = [i for c in pairs.values() for i in c.any.get((name, me), ())]
+                for peer, refs in union(items):
+                    wanted[(name, (peer, me))] = comment_for(refs)
+            self._place((ref, group), wanted)
+            if wanted:
+                self._groups[ref].add(group)
+            else:
+                self._groups[ref].discard(group)
+        if not self._groups.get(ref):
+            self._groups.pop(ref, None)
+
+    def _pending(self) -> list[Endpoint]:
+        out = []
+        for ep in self.endpoints.values():
+            pod = self.state.pods.get(ep.pod_ref)
+            if pod is None or (pod.uid and ep.uid and pod.uid != ep.uid):
+                out.append(ep)
+        return out
+
+    def _assemble_endpoints(self) -> None:
+        wanted: dict[Element, str] = {}
+        for ep in self.endpoints.values():
+            for text in ep.ips:
+                ip = ipaddress.ip_address(text)
+                wanted[(layout.pod_ifaces_set(ip.version),
+                        (ep.host_if, (int(ip), int(ip))))] = ep.pod_ref
+        for ep in self._pending():  # isolated both ways, nothing allowed: denied until known
+            for text in ep.ips:
+                ip = ipaddress.ip_address(text)
+                for key in ("ingress", "egress"):
+                    wanted[(layout.isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
+                        f"{ep.pod_ref} (Pod not known yet)")
+        self._place(("~endpoints",), wanted)
+
+    def _take_delta(self) -> Delta:
+        delta = Delta()
+        for (name, key), before in self._before.items():
+            now = self.elements[name].get(key)
+            if now == before:
+                continue
+            if before is not None:
+                delta.removed.setdefault(name, {})[key] = before
+            if now is not None:
+                delta.added.setdefault(name, {})[key] = now
+        self._before.clear()
+        return delta
+
+    # ---------------------------------------------------------------- outputs
+
+    def ruleset(self) -> Ruleset:
+        rs = layout.empty_ruleset()
+        rs.elements = {name: items for name, items in self.elements.items() if items}
+        return rs
+
+    def report(self) -> list[PodIsolation]:
+        out = []
+        for ref in self._local_refs():
+            rep = PodIsolation(self._effective[ref])
+            for policy_ref, direction in sorted(self._contrib.get(ref, {})):
+                getattr(rep, direction.lower()).append(policy_ref)
+            out.append(rep)
+        return out
+
+    def warnings(self) -> list[str]:
+        out = [f"NetworkPolicy {p.ref} is invalid ({p.invalid}): the pods it selects are "
+               f"isolated both ways with nothing allowed" for p in self.state.policies.values()
+               if p.invalid]
+        out += [f"pod {ep.pod_ref} (container {ep.container_id[:12]}) was wired by np-cni but "
+                "its Pod object is not known: denied both ways until it is"
+                for ep in self._pending()]
+        return out
+
+    def compiled(self) -> Compiled:
+        return Compiled(self.ruleset(), self.report(), self.warnings())
 
 
 def compile_state(state: ClusterState, node_name: str | None = None,
                   endpoints: Iterable[Endpoint] = ()) -> Compiled:
-    """Compile the whole cluster state into the ruleset for one node.
+    """Compile a whole cluster state into the ruleset for one node.
 
     With ``node_name`` None every pod is treated as local (a one-node lab); otherwise pods of
     other nodes are only peers, and their own isolation is left to their node. ``endpoints``
     are the attachments np-cni made on this node: their pods are local, with the IPs np-cni
     gave them.
     """
-    endpoints = list(endpoints)
-    state, wired, pending = _with_endpoints(state, endpoints)
-    index = Index(state)
-    ruleset = layout.empty_ruleset()
-    _emit_endpoints(ruleset, endpoints, pending)
-    reports: list[PodIsolation] = []
-    warnings = [f"NetworkPolicy {p.ref} is invalid ({p.invalid}): the pods it selects are "
-                f"isolated both ways with nothing allowed" for p in state.policies.values()
-                if p.invalid]
-    warnings += [f"pod {ep.pod_ref} (container {ep.container_id[:12]}) was wired by np-cni but "
-                 "its Pod object is not known: denied both ways until it is" for ep in pending]
-    for pod in sorted(state.pods.values(), key=lambda p: p.ref):
-        if not pod.is_enforceable or not (pod.ref in wired or is_local(pod, node_name)):
-            continue
-        selecting = [p for p in index.policies_by_ns.get(pod.namespace, ())
-                     if p.pod_selector.matches(pod.labels)]
-        report = PodIsolation(pod)
-        for direction in (INGRESS, EGRESS):
-            policies = sorted((p for p in selecting if direction in p.policy_types),
-                              key=lambda p: p.ref)
-            if policies:
-                _emit_pod(ruleset, index, pod, direction, policies)
-                getattr(report, direction.lower()).extend(p.ref for p in policies)
-        reports.append(report)
-    return Compiled(ruleset, reports, warnings)
+    nc = NodeCompiler(node_name)
+    nc.replace_state(state)
+    nc.set_endpoints(endpoints)
+    nc.update()
+    return nc.compiled()
 
 
 def address_text(version: int, iv: Interval) -> str:
