@@ -56,54 +56,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import logging
     import os
-    import signal
-    import threading
-    import time
 
-    from .cniserver import CniServer
-    from .endpoints import EndpointStore
-    from .node import NodeAgent
+    from .run import run
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
-    log = logging.getLogger("np_agent")
-    node_name = args.node_name or os.environ.get("NODE_NAME")
-    if not node_name:
-        print("np-agent: error: run needs --node-name or NODE_NAME", file=sys.stderr)
+    args.node_name = args.node_name or os.environ.get("NODE_NAME")
+    if not args.node_name:
+        print("np-agent: error: run needs --node-name or NODE_NAME (the downward API)",
+              file=sys.stderr)
         return EXIT_ERROR
-    if not args.manifests:
-        print("np-agent: error: watching the API server is not available yet; give the cluster "
-              "state with --manifests", file=sys.stderr)
-        return EXIT_ERROR
-    agent = NodeAgent(node_name, EndpointStore(args.endpoints_dir))
-    agent.start()
-    server = CniServer(args.cni_socket, agent)
-    server.serve_in_background()
-    stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
-    for sig, flag in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, reload)):
-        signal.signal(sig, lambda *_, flag=flag: (flag.set(), wake.set()))
-    reload.set()
-    log.info("running on node %s, cni socket %s, endpoints %s", node_name, args.cni_socket,
-             args.endpoints_dir)
-    next_check = time.monotonic() + args.resync_interval
-    while not stop.is_set():
-        if reload.is_set():
-            reload.clear()
-            result = load_manifests(args.manifests)
-            for err in result.errors:
-                log.error("manifest skipped: %s", err)
-            agent.set_state(result.state)
-        wake.wait(max(0.0, next_check - time.monotonic()))
-        wake.clear()
-        if time.monotonic() >= next_check:
-            agent.request_sync(wait=False, verify=True)  # drift check against the kernel
-            next_check = time.monotonic() + args.resync_interval
-    server.close()
-    agent.stop()
-    log.info("stopped; the rules stay in force in the kernel")
-    return EXIT_OK
+    return run(args)
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -151,23 +113,46 @@ def build_parser() -> argparse.ArgumentParser:
     _manifest_args(p)
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("run", help="run the node agent (serves np-cni, keeps the node in sync)",
-                       description="The long-running node agent: programs this node's "
-                                   "dataplane from the cluster state and the pods np-cni "
-                                   "wires, answers np-cni on a unix socket, and repairs drift "
-                                   "periodically. Stopping it leaves the rules in force.")
-    p.add_argument("--manifests", nargs="+", metavar="PATH",
-                   help="static cluster state (files/directories of Pods, Namespaces, "
-                        "NetworkPolicies), re-read on SIGHUP")
+    p = sub.add_parser("run", help="run the node agent (watch the API, program the node)",
+                       description="The long-running node agent (a DaemonSet): watches Pods, "
+                                   "Namespaces, NetworkPolicies and Nodes, programs this "
+                                   "node's dataplane incrementally, writes the CNI conflist "
+                                   "from the Node's podCIDRs, routes other nodes' pod CIDRs via "
+                                   "their InternalIP, answers np-cni on a unix socket, serves "
+                                   "/healthz /readyz /metrics. Stopping it leaves the rules in "
+                                   "force.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--kubeconfig", metavar="FILE",
+                     help="kubeconfig to reach the API server (default: in-cluster config)")
+    src.add_argument("--manifests", nargs="+", metavar="PATH",
+                     help="instead of the API server: a static cluster state (files or "
+                          "directories of Pods, Namespaces, NetworkPolicies), re-read on SIGHUP")
     p.add_argument("--node-name", default=None, metavar="NAME",
-                   help="this node's name (default: $NODE_NAME)")
+                   help="this node's name (default: $NODE_NAME, from the downward API)")
+    p.add_argument("--cni-conf-dir", default="/etc/cni/net.d", metavar="DIR",
+                   help="where the CNI conflist for np-cni is written, atomically and only "
+                        "when it changes (default: %(default)s)")
+    p.add_argument("--no-cni-conf", action="store_true",
+                   help="do not write the CNI conflist (it is managed elsewhere)")
+    p.add_argument("--no-routes", action="store_true",
+                   help="do not program routes to other nodes' pod CIDRs")
+    p.add_argument("--mtu", type=int, default=1500, help="pod veth MTU in the conflist "
+                                                         "(default: %(default)s)")
     p.add_argument("--cni-socket", default="/run/np-nft/cni.sock", metavar="PATH",
                    help="unix socket np-cni talks to (default: %(default)s)")
     p.add_argument("--endpoints-dir", default="/var/lib/np-nft/endpoints", metavar="DIR",
                    help="where np-cni records pod attachments (default: %(default)s)")
+    p.add_argument("--metrics-address", default=":9490", metavar="HOST:PORT",
+                   help="address of /healthz, /readyz and /metrics (default: %(default)s)")
+    p.add_argument("--keep-established", action="store_true",
+                   help="do not cut established connections that a policy change no longer "
+                        "allows (by default their conntrack entries are deleted)")
     p.add_argument("--resync-interval", type=float, default=60.0, metavar="SECONDS",
                    help="how often the kernel table is listed and drift repaired "
                         "(default: %(default)s)")
+    p.add_argument("--watch-timeout", type=int, default=300, metavar="SECONDS",
+                   help="server-side length of one watch; a connection silent for this plus "
+                        "30 s is considered dead (default: %(default)s)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default: %(default)s")
     p.set_defaults(func=cmd_run)

@@ -256,6 +256,19 @@ def plan(desired: Ruleset, current: KernelTable | None) -> Plan:
     return result
 
 
+def plan_delta(desired: Ruleset, added: dict[str, dict[Key, str]],
+               removed: dict[str, dict[Key, str]]) -> Plan:
+    """The batch for known element changes (an element whose comment changed is in both)."""
+    b = _Builder(desired)
+    cmds: list[dict[str, Any]] = []
+    for name, items in removed.items():
+        cmds.extend(b.elements("delete", desired.sets[name], items))
+    for name, items in added.items():
+        cmds.extend(b.elements("add", desired.sets[name], items))
+    return Plan(cmds, added=sum(map(len, added.values())),
+                removed=sum(map(len, removed.values())))
+
+
 # ------------------------------------------------------------------- apply
 
 
@@ -285,15 +298,20 @@ class Dataplane:
         objects = self.nft.list_table(desired.family, desired.table)
         return None if objects is None else read_table(objects)
 
-    def reconcile(self, desired: Ruleset, verify: bool = True) -> ApplyResult:
+    def reconcile(self, desired: Ruleset, verify: bool = True, delta: Any = None) -> ApplyResult:
         """Make the kernel hold ``desired``. ``verify`` lists the kernel first (finds drift);
         without it the diff is against what our last transaction left, which is exact unless
-        someone else edited the table (periodic verified reconciles repair that)."""
+        someone else edited the table (periodic verified reconciles repair that). A ``delta``
+        (``added``/``removed``: set -> key -> comment, relative to the last ``desired``)
+        spares the full diff when nothing needs verifying."""
         t0 = time.perf_counter()
-        current = self._applied if (self._applied is not None and not verify) else self.read(
-            desired)
+        use_cache = self._applied is not None and not verify
+        current = self._applied if use_cache else self.read(desired)
         t1 = time.perf_counter()
-        p = plan(desired, current)
+        if use_cache and delta is not None:
+            p = plan_delta(desired, delta.added, delta.removed)
+        else:
+            p = plan(desired, current)
         t2 = time.perf_counter()
         if p.added or p.removed or p.rewritten_chains or p.rebuild:
             try:
@@ -301,8 +319,15 @@ class Dataplane:
             except Exception:
                 self._applied = None  # unknown now: the next reconcile lists the kernel
                 raise
-        self._applied = expected_table(desired)
         t3 = time.perf_counter()
+        if use_cache and delta is not None and self._applied is not None:
+            for name, items in delta.removed.items():
+                for key in items:
+                    self._applied.sets[name].elements.pop(key, None)
+            for name, items in delta.added.items():
+                self._applied.sets[name].elements.update(items)
+        else:
+            self._applied = expected_table(desired)
         return ApplyResult(p.added, p.removed, p.rewritten_chains, p.rebuild,
                            t1 - t0, t2 - t1, t3 - t2)
 

@@ -10,6 +10,7 @@ costs a constant number of rules and set lookups, whatever the number of policie
       counter drop
     forward (hook forward, priority filter, policy accept)
       ct state established,related accept           # replies of allowed connections
+      ct state new tcp flags != syn / fin,syn,rst,ack counter drop   # no mid-stream pick-up
       meta nfproto vmap { ipv4 : jump policy-v4, ipv6 : jump policy-v6 }
     policy-v6
       icmpv6 type { nd-* } accept                   # neighbour discovery is never policed
@@ -187,6 +188,12 @@ def _forward_chain() -> ChainSpec:
         _rule([_match({"ct": {"key": "state"}}, ["established", "related"], "in"),
                {"accept": None}],
               "ct state established,related accept", "replies of allowed connections"),
+        _rule([_match({"ct": {"key": "state"}}, "new", "in"),
+               _match({"&": [_payload("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn",
+                      "!="), {"counter": None}, {"drop": None}],
+              "ct state new tcp flags != syn / fin,syn,rst,ack counter drop",
+              "TCP picked up mid-stream (e.g. a connection whose entry policy cut) never "
+              "restarts"),
         _rule([{"vmap": {"key": {"meta": {"key": "nfproto"}},
                          "data": {"set": [["ipv4", {"jump": {"target": "policy-v4"}}],
                                           ["ipv6", {"jump": {"target": "policy-v6"}}]]}}}],

@@ -1,9 +1,13 @@
-"""The node agent's engine: cluster state + local endpoints -> one reconcile at a time.
+"""The node agent's engine: API objects + local endpoints -> one transaction at a time.
 
-Requests to sync (a changed cluster state, np-cni's ADD/DEL, a periodic drift check) are
-coalesced: whoever asks while a sync is running waits for the next one, which then serves
-all of them with one compile and one nftables transaction. A burst of 20 ADDs therefore costs
-a couple of transactions, not twenty.
+Inputs arrive from any thread (watch events, a relist, np-cni's requests, a periodic drift
+check) and only mark work; one worker thread compiles (incrementally, NodeCompiler) and
+applies. Requests that arrive while a sync runs are all served by the next one, so a burst of
+events or of 20 ADDs costs a couple of transactions, not one each.
+
+Nothing is applied before every kind has been listed once: a dataplane built from pods
+without their policies would open pods that should be closed. While the API server is away
+nothing changes, and the kernel keeps enforcing the last state.
 """
 
 from __future__ import annotations
@@ -11,18 +15,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from .compiler import Compiled, compile_state
+from .compiler import Compiled, Delta, NodeCompiler
 from .dataplane import ApplyResult, Dataplane
 from .endpoints import EndpointStore
-from .model import ClusterState
+from .httpserver import Registry
+from .model import ClusterState, ModelError, fail_closed_policy, parse_object
+from .ruleset import Ruleset
 
 log = logging.getLogger("np_agent.node")
 
-
-class SyncError(RuntimeError):
-    pass
+POLICY_KINDS = ("namespaces", "pods", "networkpolicies")
+_KIND = {"namespaces": "Namespace", "pods": "Pod", "networkpolicies": "NetworkPolicy"}
 
 
 @dataclass
@@ -32,19 +39,43 @@ class Outcome:
     error: str = ""
 
 
+class Metrics:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.objects = registry.gauge("np_agent_objects", "API objects held, by kind", ["kind"])
+        self.events = registry.counter("np_agent_watch_events", "watch events received",
+                                       ["kind"])
+        self.syncs = registry.counter("np_agent_syncs", "compile + apply rounds")
+        self.errors = registry.counter("np_agent_errors", "failures, by stage", ["stage"])
+        self.elements = registry.gauge("np_agent_set_elements", "set elements enforced")
+        self.transaction = registry.histogram(
+            "np_agent_transaction_seconds", "nftables transaction latency",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.event_to_kernel = registry.histogram(
+            "np_agent_event_to_kernel_seconds", "from a watch event's arrival to the end of "
+            "the transaction that enforces it",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
 class NodeAgent:
     def __init__(self, node_name: str | None, store: EndpointStore,
-                 dataplane: Dataplane | None = None) -> None:
+                 dataplane: Dataplane | None = None, registry: Registry | None = None,
+                 after_sync: Callable[[Ruleset, Delta], None] | None = None) -> None:
         self.node_name = node_name
         self.store = store
         self.dataplane = dataplane or Dataplane()
-        self._state = ClusterState()
-        self._state_loaded = False
-        self.compiled: Compiled | None = None
+        self.metrics = Metrics(registry or Registry())
+        self.after_sync = after_sync  # e.g. cutting conntrack entries no longer allowed
+        self.compiler = NodeCompiler(node_name)
         self.ready = False
+        self.applied_seq = 0  # sequence number of the newest input enforced
+        self._seq = 0
         self._cond = threading.Condition()
+        self._listed: dict[str, dict[str, Any]] = {}  # first lists, until all kinds are in
+        self._loaded = False
         self._wanted = 0
         self._verify = True  # the first sync lists the kernel: it may hold a previous run's table
+        self._pending_since: float | None = None
         self._last = Outcome(0)
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -52,11 +83,100 @@ class NodeAgent:
     # ------------------------------------------------------------------ inputs
 
     def set_state(self, state: ClusterState) -> None:
-        """A new cluster state from the source (API watch or manifests)."""
+        """A complete cluster state at once (static manifests)."""
         with self._cond:
-            self._state = state
-            self._state_loaded = True
-        self.request_sync(wait=False)
+            self.compiler.replace_state(state)
+            self._loaded = True
+            self._mark()
+
+    def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
+        """A full list of one kind (first list, or relist after 410)."""
+        if kind not in POLICY_KINDS:
+            return
+        objects = {}
+        for raw in items:
+            obj = self._parse(kind, raw)
+            if obj is not None:
+                objects[self._ref(kind, obj)] = obj
+        with self._cond:
+            self.metrics.objects.labels(kind).set(len(objects))
+            if not self._loaded:
+                self._listed[kind] = objects
+                if all(k in self._listed for k in POLICY_KINDS):
+                    state = ClusterState()
+                    for group in self._listed.values():
+                        for obj in group.values():
+                            state.add(obj)
+                    self.compiler.replace_state(state)
+                    self._listed.clear()
+                    self._loaded = True
+                    self._mark()
+                return
+            current = self._current(kind)
+            for ref in current.keys() - objects.keys():
+                self._delete(kind, ref)
+            for ref, obj in objects.items():
+                if current.get(ref) != obj:
+                    self._set(kind, obj)
+            self._mark()
+
+    def event(self, kind: str, type_: str, raw: dict[str, Any]) -> None:
+        if kind not in POLICY_KINDS:
+            return
+        self.metrics.events.labels(kind).inc()
+        with self._cond:
+            if not self._loaded:  # before the first full list: the list will carry it
+                return
+            if type_ == "DELETED":
+                meta = raw.get("metadata") or {}
+                ref = meta.get("name", "") if kind == "namespaces" else (
+                    f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}")
+                self._delete(kind, ref)
+            else:
+                obj = self._parse(kind, raw)
+                if obj is None:
+                    return
+                self._set(kind, obj)
+            self._mark()
+
+    def endpoints_changed(self) -> None:
+        with self._cond:
+            self._mark()
+
+    def _parse(self, kind: str, raw: dict[str, Any]) -> Any:
+        try:
+            return parse_object({**raw, "kind": _KIND[kind]})
+        except ModelError as e:
+            self.metrics.errors.labels("parse").inc()
+            log.error("invalid object skipped: %s", e)
+            if kind == "networkpolicies":
+                return fail_closed_policy(raw, e)
+            return None
+
+    @staticmethod
+    def _ref(kind: str, obj: Any) -> str:
+        return obj.name if kind == "namespaces" else obj.ref
+
+    def _current(self, kind: str) -> dict[str, Any]:
+        state = self.compiler.state
+        return {"namespaces": state.namespaces, "pods": state.pods,
+                "networkpolicies": state.policies}[kind]
+
+    def _set(self, kind: str, obj: Any) -> None:
+        {"namespaces": self.compiler.set_namespace, "pods": self.compiler.set_pod,
+         "networkpolicies": self.compiler.set_policy}[kind](obj)
+
+    def _delete(self, kind: str, ref: str) -> None:
+        {"namespaces": self.compiler.delete_namespace, "pods": self.compiler.delete_pod,
+         "networkpolicies": self.compiler.delete_policy}[kind](ref)
+
+    def _mark(self) -> None:
+        """Record that something changed (caller holds the lock) and wake the worker."""
+        self._seq += 1
+        self._wanted += 1
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+        self._cond.notify_all()
 
     # ------------------------------------------------------------------ syncing
 
@@ -93,41 +213,61 @@ class NodeAgent:
         while True:
             with self._cond:
                 while not self._stop and (self._last.generation >= self._wanted
-                                          or not self._state_loaded):
+                                          or not self._loaded):
                     self._cond.wait()
                 if self._stop:
                     return
-                generation, verify, state = self._wanted, self._verify, self._state
+                generation, verify, seq = self._wanted, self._verify, self._seq
+                since, self._pending_since = self._pending_since, None
                 self._verify = False
-            outcome = self._sync(generation, state, verify)
+            outcome = self._sync(generation, verify, seq, since)
             with self._cond:
                 self._last = outcome
                 self._cond.notify_all()
 
-    def _sync(self, generation: int, state: ClusterState, verify: bool) -> Outcome:
+    def _sync(self, generation: int, verify: bool, seq: int, since: float | None) -> Outcome:
         t0 = time.perf_counter()
         try:
             endpoints, errors = self.store.all()
             for err in errors:
                 log.warning("endpoint skipped: %s", err)
-            compiled = compile_state(state, self.node_name, endpoints)
-            result = self.dataplane.reconcile(compiled.ruleset, verify=verify)
+            with self._cond:  # inputs mutate the compiler's state: compile under the lock
+                self.compiler.set_endpoints(endpoints)
+                delta = self.compiler.update()
+            ruleset = self.compiler.ruleset()
+            result = self.dataplane.reconcile(ruleset, verify=verify, delta=delta)
         except Exception as e:  # noqa: BLE001 - keep serving; the kernel keeps the last rules
             log.error("sync failed, the last applied rules stay in force: %s", e)
+            self.metrics.errors.labels("sync").inc()
             with self._cond:
                 self._verify = True  # list the kernel next time: we do not know what it holds
             return Outcome(generation, error=str(e))
-        self.compiled = compiled
         self.ready = True
+        self.applied_seq = seq
+        self.metrics.syncs.inc()
+        self.metrics.elements.set(ruleset.element_count())
         if result.changed:
-            log.info("synced: %d pods, +%d -%d elements%s, transaction %.1f ms, total %.1f ms",
-                     len(compiled.pods), result.added, result.removed,
+            self.metrics.transaction.observe(result.transaction_seconds)
+            if since is not None:
+                self.metrics.event_to_kernel.observe(time.monotonic() - since)
+            log.info("synced: +%d -%d elements%s, transaction %.1f ms, total %.1f ms",
+                     result.added, result.removed,
                      f", chains {','.join(result.rewritten_chains)}"
                      if result.rewritten_chains else "", result.transaction_seconds * 1000,
                      (time.perf_counter() - t0) * 1000)
+            if self.after_sync is not None and delta:
+                try:
+                    self.after_sync(ruleset, delta)
+                except Exception as e:  # noqa: BLE001 - a hook never breaks enforcement
+                    log.error("after-sync hook failed: %s", e)
+                    self.metrics.errors.labels("after_sync").inc()
         return Outcome(generation, result=result)
 
     # ------------------------------------------------------------------ queries
+
+    def compiled(self) -> Compiled:
+        with self._cond:
+            return self.compiler.compiled()
 
     def is_pending(self, container_id: str, ifname: str) -> bool:
         """True when the pod of this attachment is unknown: it is denied both ways."""
@@ -135,5 +275,5 @@ class NodeAgent:
         if ep is None:
             return False
         with self._cond:
-            pod = self._state.pods.get(ep.pod_ref)
+            pod = self.compiler.state.pods.get(ep.pod_ref)
         return pod is None or bool(pod.uid and ep.uid and pod.uid != ep.uid)
