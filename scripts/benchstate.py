@@ -253,3 +253,65 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+# ---------------------------------------------------------------- API objects (bench_agent)
+
+
+def _selector_api(sel: LabelSelector) -> dict:
+    out: dict = {}
+    if sel.match_labels:
+        out["matchLabels"] = dict(sel.match_labels)
+    if sel.match_expressions:
+        out["matchExpressions"] = [
+            {"key": r.key, "operator": r.operator, **({"values": sorted(r.values)}
+                                                      if r.values else {})}
+            for r in sel.match_expressions]
+    return out
+
+
+def _peer_api(peer: Peer) -> dict:
+    if peer.ip_block is not None:
+        return {"ipBlock": {"cidr": str(peer.ip_block.cidr),
+                            "except": [str(e) for e in peer.ip_block.excepts]}}
+    out = {}
+    if peer.pod_selector is not None:
+        out["podSelector"] = _selector_api(peer.pod_selector)
+    if peer.namespace_selector is not None:
+        out["namespaceSelector"] = _selector_api(peer.namespace_selector)
+    return out
+
+
+def _port_api(port: PolicyPort) -> dict:
+    out: dict = {"protocol": port.protocol}
+    if port.port is not None:
+        out["port"] = port.port
+    if port.end_port is not None:
+        out["endPort"] = port.end_port
+    return out
+
+
+def policy_api(pol: NetworkPolicy) -> dict:
+    """A model NetworkPolicy back in API shape, to publish it to an API server."""
+    def rules(rs: tuple[Rule, ...], key: str) -> list[dict]:
+        return [{key: [_peer_api(p) for p in r.peers], "ports": [_port_api(p) for p in r.ports]}
+                for r in rs]
+    return {"metadata": {"name": pol.name, "namespace": pol.namespace},
+            "spec": {"podSelector": _selector_api(pol.pod_selector),
+                     "policyTypes": sorted(pol.policy_types),
+                     "ingress": rules(pol.ingress, "from"), "egress": rules(pol.egress, "to")}}
+
+
+def pod_api(pod: Pod, node: str) -> dict:
+    ports = [{"name": p.name, "containerPort": p.port, "protocol": p.protocol}
+             for p in pod.ports]
+    return {"metadata": {"name": pod.name, "namespace": pod.namespace,
+                         "labels": dict(pod.labels)},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "bench",
+                                                       "ports": ports}]},
+            "status": {"phase": "Running", "podIP": str(pod.ips[0]),
+                       "podIPs": [{"ip": str(ip)} for ip in pod.ips]}}
+
+
+def namespace_api(ns: Namespace) -> dict:
+    return {"metadata": {"name": ns.name, "labels": dict(ns.labels)}}

@@ -69,13 +69,19 @@ class Delta:
 
 
 def comment_for(refs: Iterable[str], prefix: str = "") -> str:
+    """``prefix`` + the refs, sorted; as many as fit in nft's 128 bytes, then "+N more"."""
     refs = sorted(refs)
     text = prefix + ", ".join(refs)
-    shown = len(refs)
-    while len(text) > COMMENT_MAX and shown > 1:
-        shown -= 1
-        text = prefix + ", ".join(refs[:shown]) + f" +{len(refs) - shown} more"
-    return text[:COMMENT_MAX]
+    if len(text) <= COMMENT_MAX:
+        return text
+    shown, length = 0, len(prefix)
+    for ref in refs:  # keep room for the longest possible " +N more" suffix
+        extra = len(ref) + (2 if shown else 0)
+        if shown and length + extra + len(f" +{len(refs)} more") > COMMENT_MAX:
+            break
+        shown, length = shown + 1, length + extra
+    text = prefix + ", ".join(refs[:shown])
+    return (text + f" +{len(refs) - shown} more")[:COMMENT_MAX]
 
 
 def is_local(pod: Pod, node_name: str | None) -> bool:
@@ -162,6 +168,7 @@ class NodeCompiler:
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
         self.elements: dict[str, dict[Key, str]] = defaultdict(dict)
         self._raw: dict[str, Pod] = {}  # pods with np-cni's IPs applied
+        self._ip_claims: dict[object, set[str]] = defaultdict(set)  # IP -> raw pods with it
         self._effective: dict[str, Pod] = {}  # the same, each IP kept by one pod only
         self._contrib: dict[str, dict[tuple[str, str], _Contribution]] = {}
         self._targets: dict[str, set[str]] = defaultdict(set)  # policy ref -> local pod refs
@@ -243,9 +250,8 @@ class NodeCompiler:
         return self._take_delta()
 
     def _recompute_all(self) -> None:
-        self._raw = {ref: pod for ref in self.state.pods
-                     if (pod := self._effective_pod(ref)) is not None}
-        self._effective = self._unique_ips(self._raw)
+        self._raw, self._effective, self._ip_claims = {}, {}, defaultdict(set)
+        self._refresh_pods(set(self.state.pods))
         self._index = Index(self._effective.values(), self.state.namespaces)
         self._by_ns = defaultdict(dict)
         for policy in self.state.policies.values():
@@ -259,20 +265,16 @@ class NodeCompiler:
         self._assemble_endpoints()
 
     def _recompute_changes(self) -> None:
-        old_pods: dict[str, Pod | None] = {}
-        if self._changed_pods:
-            for ref in self._changed_pods:
-                pod = self._effective_pod(ref)
-                if pod is None:
-                    self._raw.pop(ref, None)
-                else:
-                    self._raw[ref] = pod
-            effective = self._unique_ips(self._raw)
-            old_pods = {r: self._effective.get(r) for r in effective.keys() | self._effective.keys()
-                        if effective.get(r) is not self._effective.get(r)}
-            self._effective = effective
-        if old_pods or self._changed_ns:
+        old_pods = self._refresh_pods(self._changed_pods)
+        if self._changed_ns or self._index is None:
             self._index = Index(self._effective.values(), self.state.namespaces)
+        else:
+            for ref, old in old_pods.items():
+                if old is not None:
+                    self._index.remove_pod(old)
+                new = self._effective.get(ref)
+                if new is not None:
+                    self._index.add_pod(new)
         index = self._require_index()
         pairs: set[tuple[str, str]] = set()
         full: set[str] = set()
@@ -294,7 +296,7 @@ class NodeCompiler:
             for pol in (old_policy, new_policy):
                 if pol is None:
                     continue
-                for pod in index.pods_by_ns.get(pol.namespace, ()):
+                for pod in index.pods_by_ns.get(pol.namespace, {}).values():
                     if self._is_target(pod) and pol.pod_selector.matches(pod.labels):
                         pairs.add((pod.ref, ref))
         for ref in full:
@@ -312,24 +314,49 @@ class NodeCompiler:
 
     # ---------------------------------------------------------------- pods and pairs
 
-    def _unique_ips(self, pods: dict[str, Pod]) -> dict[str, Pod]:
-        """Give each IP to one pod only (a pod np-cni wired here first, then by name).
+    def _refresh_pods(self, refs: set[str]) -> dict[str, Pod | None]:
+        """Recompute the effective pods of ``refs`` (and of pods sharing an IP with them);
+        returns the previous effective pod of each one that changed.
 
-        Two live pods can briefly hold the same IP (a deleted pod whose object lingers while
-        its IP went to a new pod); one element per IP keeps the sets consistent and disjoint.
-        Pods keep their identity (``is``) when nothing changes, which is how changes are found.
+        Each IP is given to one pod only (a pod np-cni wired here first, then by name): two
+        live pods can briefly hold the same IP (a deleted pod whose object lingers while its
+        IP went to a new pod), and one element per IP keeps the sets consistent and disjoint.
         """
-        owners: dict[object, str] = {}
+        affected = set(refs)
+        for ref in refs:
+            for ip in self._claimed(self._raw.get(ref)):
+                self._ip_claims[ip].discard(ref)
+                affected |= self._ip_claims[ip]
+            raw = self._effective_pod(ref)
+            if raw is None:
+                self._raw.pop(ref, None)
+            else:
+                self._raw[ref] = raw
+            for ip in self._claimed(raw):
+                self._ip_claims[ip].add(ref)
+                affected |= self._ip_claims[ip]
         wired = {e.pod_ref for e in self.endpoints.values()}
-        for ref in sorted(pods, key=lambda r: (r not in wired, r)):
-            if pods[ref].is_enforceable:
-                for ip in pods[ref].ips:
-                    owners.setdefault(ip, ref)
-        out = {}
-        for ref, pod in pods.items():
-            keep = tuple(ip for ip in pod.ips if owners.get(ip, ref) == ref)
-            out[ref] = pod if keep == pod.ips else replace(pod, ips=keep)
-        return out
+        changed: dict[str, Pod | None] = {}
+        for ref in affected:
+            raw = self._raw.get(ref)
+            new = None
+            if raw is not None:
+                keep = tuple(ip for ip in raw.ips if min(
+                    self._ip_claims.get(ip) or {ref}, key=lambda r: (r not in wired, r)) == ref)
+                new = raw if keep == raw.ips else replace(raw, ips=keep)
+            old = self._effective.get(ref)
+            if new is old or (new is not None and new == old):
+                continue
+            changed[ref] = old
+            if new is None:
+                del self._effective[ref]
+            else:
+                self._effective[ref] = new
+        return changed
+
+    @staticmethod
+    def _claimed(pod: Pod | None) -> tuple:
+        return pod.ips if pod is not None and pod.is_enforceable else ()
 
     def _wired(self, ref: str, pod: Pod) -> list[Endpoint]:
         return [e for e in self.endpoints.values() if e.pod_ref == ref
@@ -382,28 +409,34 @@ class NodeCompiler:
     def _set_pair(self, pod: Pod, policy: NetworkPolicy) -> None:
         index = self._require_index()
         self._targets[policy.ref].add(pod.ref)
+        pairs = self._contrib[pod.ref]
         for direction, _ in DIRECTIONS:
-            if direction in policy.policy_types:
-                c = contribution(index, pod, direction, policy)
-                self._contrib[pod.ref][(policy.ref, direction)] = c
-                self._count_exact(c, +1)
-                self._dirty_groups[pod.ref] |= _groups_of(c)
+            old = pairs.pop((policy.ref, direction), None)
+            new = (contribution(index, pod, direction, policy)
+                   if direction in policy.policy_types else None)
+            if new is not None:
+                pairs[(policy.ref, direction)] = new
+            self._swap_exact(old, new)
+            for c in (old, new):
+                if c is not None and (c.ranged or c.any):
+                    self._dirty_groups[pod.ref] |= _groups_of(c)
 
     def _recompute_pair(self, pod_ref: str, policy_ref: str) -> None:
         pairs = self._contrib.get(pod_ref)
         if pairs is None:
             return
-        for direction, _ in DIRECTIONS:
-            old = pairs.pop((policy_ref, direction), None)
-            if old is not None:
-                self._count_exact(old, -1)
-                self._dirty_groups[pod_ref] |= _groups_of(old)
-        self._targets[policy_ref].discard(pod_ref)
         pod = self._effective.get(pod_ref)
         policy = self.state.policies.get(policy_ref)
         if pod is not None and policy is not None and policy.namespace == pod.namespace and (
                 policy.pod_selector.matches(pod.labels)):
             self._set_pair(pod, policy)
+            return
+        for direction, _ in DIRECTIONS:
+            old = pairs.pop((policy_ref, direction), None)
+            if old is not None:
+                self._swap_exact(old, None)
+                self._dirty_groups[pod_ref] |= _groups_of(old)
+        self._targets[policy_ref].discard(pod_ref)
 
     # ---------------------------------------------------------------- which changes matter
 
@@ -456,8 +489,19 @@ class NodeCompiler:
         self.elements[el[0]].pop(el[1], None)
 
     def _count_exact(self, c: _Contribution, sign: int) -> None:
+        self._count(c.exact.items(), sign)
+
+    def _swap_exact(self, old: _Contribution | None, new: _Contribution | None) -> None:
+        """Replace a contribution's exact elements, counting only what differs: a policy
+        re-resolved after one peer changed keeps nearly all of its elements."""
+        before = old.exact if old is not None else {}
+        after = new.exact if new is not None else {}
+        self._count(((el, refs) for el, refs in before.items() if after.get(el) != refs), -1)
+        self._count(((el, refs) for el, refs in after.items() if before.get(el) != refs), +1)
+
+    def _count(self, items: Iterable[tuple[Element, Refs]], sign: int) -> None:
         exact, dirty = self._exact, self._exact_dirty
-        for el, refs in c.exact.items():
+        for el, refs in items:
             counts = exact.get(el)
             if counts is None:
                 counts = exact[el] = {}

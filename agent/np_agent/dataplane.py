@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .memory import release
 from .nft import Nft
 from .ruleset import (
     ADDRESS_TYPES,
@@ -33,6 +34,8 @@ from .ruleset import (
     Ruleset,
     SetSpec,
 )
+
+BIG_CHANGE = 5000  # elements; after a transaction this big, freed heap is given back
 
 # ------------------------------------------------------------------- key <-> JSON
 
@@ -320,6 +323,8 @@ class Dataplane:
                 self._applied = None  # unknown now: the next reconcile lists the kernel
                 raise
         t3 = time.perf_counter()
+        if p.added + p.removed > BIG_CHANGE:
+            release()
         if use_cache and delta is not None and self._applied is not None:
             for name, items in delta.removed.items():
                 for key in items:

@@ -23,6 +23,7 @@ from .compiler import Compiled, Delta, NodeCompiler
 from .dataplane import ApplyResult, Dataplane
 from .endpoints import EndpointStore
 from .httpserver import Registry
+from .memory import release
 from .model import ClusterState, ModelError, fail_closed_policy, parse_object
 from .ruleset import Ruleset
 
@@ -98,6 +99,8 @@ class NodeAgent:
             obj = self._parse(kind, raw)
             if obj is not None:
                 objects[self._ref(kind, obj)] = obj
+        del items  # the raw list is the biggest thing this process ever holds
+        release()
         with self._cond:
             self.metrics.objects.labels(kind).set(len(objects))
             if not self._loaded:
@@ -124,19 +127,30 @@ class NodeAgent:
         if kind not in POLICY_KINDS:
             return
         self.metrics.events.labels(kind).inc()
+        log.debug("%s %s %s", type_, kind, (raw.get("metadata") or {}).get("name"))
         with self._cond:
-            if not self._loaded:  # before the first full list: the list will carry it
+            if not self._loaded:
+                # This kind is listed but others are not yet: keep its first list current,
+                # the state is built from it once every kind is in (an event dropped here
+                # would be missing until the next relist).
+                listed = self._listed.get(kind)
+                if listed is not None:
+                    if type_ == "DELETED":
+                        listed.pop(self._raw_ref(kind, raw), None)
+                    else:
+                        obj = self._parse(kind, raw)
+                        if obj is not None:
+                            listed[self._ref(kind, obj)] = obj
+                    self.metrics.objects.labels(kind).set(len(listed))
                 return
             if type_ == "DELETED":
-                meta = raw.get("metadata") or {}
-                ref = meta.get("name", "") if kind == "namespaces" else (
-                    f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}")
-                self._delete(kind, ref)
+                self._delete(kind, self._raw_ref(kind, raw))
             else:
                 obj = self._parse(kind, raw)
                 if obj is None:
                     return
                 self._set(kind, obj)
+            self.metrics.objects.labels(kind).set(len(self._current(kind)))
             self._mark()
 
     def endpoints_changed(self) -> None:
@@ -156,6 +170,12 @@ class NodeAgent:
     @staticmethod
     def _ref(kind: str, obj: Any) -> str:
         return obj.name if kind == "namespaces" else obj.ref
+
+    @staticmethod
+    def _raw_ref(kind: str, raw: dict[str, Any]) -> str:
+        meta = raw.get("metadata") or {}
+        return meta.get("name", "") if kind == "namespaces" else (
+            f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}")
 
     def _current(self, kind: str) -> dict[str, Any]:
         state = self.compiler.state

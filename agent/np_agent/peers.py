@@ -37,22 +37,43 @@ class Target:
 
 
 class Index:
-    """Pod and namespace lookups for peer resolution, built once per change of pods or
-    namespaces (policies are not part of it: they change independently)."""
+    """Pod and namespace lookups for peer resolution. Pods are added and removed one by one
+    as they change; namespaces changing rebuilds it (rare). Resolved peers are memoised, and
+    a pod's change forgets only the memos it could be part of."""
 
     def __init__(self, pods: Iterable[Pod], namespaces: dict[str, Namespace]) -> None:
         self.namespaces = namespaces
-        self.pods_by_ns: dict[str, list[Pod]] = defaultdict(list)
-        self.named: dict[tuple[str, str], list[tuple[int, int, int]]] = defaultdict(list)
-        for pod in pods:
-            if not pod.is_enforceable:
-                continue
-            self.pods_by_ns[pod.namespace].append(pod)
-            for cp in pod.ports:
-                for ip in pod.ips:
-                    self.named[(cp.name, cp.protocol)].append((ip.version, int(ip), cp.port))
+        self.pods_by_ns: dict[str, dict[str, Pod]] = defaultdict(dict)
+        self.named: dict[tuple[str, str], dict[str, list[tuple[int, int, int]]]] = (
+            defaultdict(dict))
         self._ns_cache: dict[LabelSelector, list[str]] = {}
         self.peer_cache: dict[tuple[Peer, str], list[Target]] = {}
+        for pod in pods:
+            self.add_pod(pod)
+
+    def add_pod(self, pod: Pod) -> None:
+        if not pod.is_enforceable:
+            return
+        if pod.namespace not in self.pods_by_ns:
+            self._ns_cache.clear()  # a namespace known only through its pods appears
+        self.pods_by_ns[pod.namespace][pod.ref] = pod
+        for cp in pod.ports:
+            self.named[(cp.name, cp.protocol)].setdefault(pod.ref, []).extend(
+                (ip.version, int(ip), cp.port) for ip in pod.ips)
+        self._forget(pod)
+
+    def remove_pod(self, pod: Pod) -> None:
+        if self.pods_by_ns.get(pod.namespace, {}).pop(pod.ref, None) is None:
+            return
+        for cp in pod.ports:
+            self.named[(cp.name, cp.protocol)].pop(pod.ref, None)
+        self._forget(pod)
+
+    def _forget(self, pod: Pod) -> None:
+        """Drop the memoised peers this pod is (or was) one of."""
+        ns_labels = self.namespace(pod.namespace).labels
+        for key in [k for k in self.peer_cache if _could_match(k, pod, ns_labels)]:
+            del self.peer_cache[key]
 
     def namespace(self, name: str) -> Namespace:
         # A namespace we were not told about still carries the label the API server sets.
@@ -65,6 +86,18 @@ class Index:
             self._ns_cache[selector] = [n for n in sorted(names)
                                         if selector.matches(self.namespace(n).labels)]
         return self._ns_cache[selector]
+
+
+def _could_match(key: tuple[Peer, str], pod: Pod, ns_labels: object) -> bool:
+    peer, policy_ns = key
+    if peer.ip_block is not None:
+        return False  # addresses only: no pod changes them
+    if peer.namespace_selector is None:
+        if pod.namespace != policy_ns:
+            return False
+    elif not peer.namespace_selector.matches(ns_labels):  # type: ignore[arg-type]
+        return False
+    return peer.pod_selector is None or peer.pod_selector.matches(pod.labels)
 
 
 def _pod_targets(pods: Iterable[Pod]) -> list[Target]:
@@ -95,7 +128,7 @@ def _resolve(index: Index, policy: NetworkPolicy, peer: Peer) -> list[Target]:
     else:
         namespaces = index.namespaces_matching(peer.namespace_selector)
     selector = peer.pod_selector or LabelSelector()
-    return _pod_targets(p for ns in namespaces for p in index.pods_by_ns.get(ns, ())
+    return _pod_targets(p for ns in namespaces for p in index.pods_by_ns.get(ns, {}).values()
                         if selector.matches(p.labels))
 
 
@@ -120,5 +153,5 @@ def egress_named(index: Index, port: PolicyPort, target: Target) -> list[tuple[I
         number = target.pod.named_port(port.port, port.protocol)
         return [] if number is None else [(target.interval, number)]
     lo, hi = target.interval
-    return [((ip, ip), number) for version, ip, number in index.named[(port.port, port.protocol)]
-            if version == target.version and lo <= ip <= hi]
+    return [((ip, ip), number) for entries in index.named[(port.port, port.protocol)].values()
+            for version, ip, number in entries if version == target.version and lo <= ip <= hi]

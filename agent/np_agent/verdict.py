@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import layout
@@ -46,6 +47,9 @@ class _Direction:
     isolated: set[int] = field(default_factory=set)
     isolated_ranges: list[Interval] = field(default_factory=list)
     exact: set[tuple[int, int, int, int]] = field(default_factory=set)  # peer, pod, proto, port
+    # The hash set's own elements, looked up as they are rather than indexed again: it is
+    # the big one (tens of thousands), and building a matcher must stay cheap.
+    exact_keys: Mapping[Key, str] = field(default_factory=dict)
     ranges: dict[tuple[int, int], list[PortBox]] = field(
         default_factory=lambda: defaultdict(list))  # (pod, proto) -> boxes
     # Elements whose pod field is itself a range: the compiler never writes them, but the
@@ -90,7 +94,8 @@ class _Direction:
         """The direction chain for one packet: open, or some allow set holds its key."""
         if not self.is_isolated(pod):
             return True
-        if (peer, pod, proto, port) in self.exact:
+        if ((peer, peer), (pod, pod), proto, (port, port)) in self.exact_keys or (
+                (peer, pod, proto, port) in self.exact):
             return True
         if any(_in_box(box, peer, port) for box in self.ranges.get((pod, proto), ())):
             return True
@@ -142,10 +147,9 @@ class Matcher:
         elements = ruleset.elements
         for key in elements.get(layout.isolated_set(direction, version), {}):
             d.add_isolated(key)
-        for name in (layout.allow_set(direction, version),
-                     layout.allow_ranges_set(direction, version)):
-            for key in elements.get(name, {}):
-                d.add_port_element(key)
+        d.exact_keys = elements.get(layout.allow_set(direction, version), {})
+        for key in elements.get(layout.allow_ranges_set(direction, version), {}):
+            d.add_port_element(key)
         for key in elements.get(layout.allow_all_set(direction, version), {}):
             d.add_allow_all(key)
         return d
