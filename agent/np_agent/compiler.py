@@ -135,7 +135,10 @@ def _rule_boxes(index: Index, pod: Pod, direction: str, rule: Rule,
 def contribution(index: Index, pod: Pod, direction: str, policy: NetworkPolicy) -> _Contribution:
     key = "ingress" if direction == INGRESS else "egress"
     mine = _my_addresses(pod)
+    exact_set = {v: layout.allow_set(key, v) for v in (4, 6)}
+    ranges_set = {v: layout.allow_ranges_set(key, v) for v in (4, 6)}
     c = _Contribution()
+    exact = c.exact
     for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
         refs = frozenset([f"{policy.ref} {key}[{i}]"])
         targets = resolve_peers(index, policy, rule)
@@ -148,11 +151,12 @@ def contribution(index: Index, pod: Pod, direction: str, policy: NetworkPolicy) 
         for version, proto, peer, span in _rule_boxes(index, pod, direction, rule, targets):
             for me in mine.get(version, ()):
                 if peer[0] == peer[1] and span[0] == span[1]:
-                    el = (layout.allow_set(key, version), (peer, me, proto, span))
-                    c.exact[el] = c.exact.get(el, frozenset()) | refs
+                    el = (exact_set[version], (peer, me, proto, span))
+                    have = exact.get(el)
+                    exact[el] = refs if have is None or have == refs else have | refs
                 else:
-                    c.ranged.setdefault((layout.allow_ranges_set(key, version), proto, me),
-                                        []).append((peer, span, refs))
+                    c.ranged.setdefault((ranges_set[version], proto, me), []).append(
+                        (peer, span, refs))
     return c
 
 
