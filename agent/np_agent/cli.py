@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
+from .cniserver import DEFAULT_SOCKET
 from .compiler import compile_state
+from .endpoints import DEFAULT_DIR
 from .manifests import LoadResult, load_manifests
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
@@ -138,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not program routes to other nodes' pod CIDRs")
     p.add_argument("--mtu", type=int, default=1500, help="pod veth MTU in the conflist "
                                                          "(default: %(default)s)")
-    p.add_argument("--cni-socket", default="/run/np-nft/cni.sock", metavar="PATH",
+    p.add_argument("--cni-socket", default=DEFAULT_SOCKET, metavar="PATH",
                    help="unix socket np-cni talks to (default: %(default)s)")
-    p.add_argument("--endpoints-dir", default="/var/lib/np-nft/endpoints", metavar="DIR",
+    p.add_argument("--endpoints-dir", default=str(DEFAULT_DIR), metavar="DIR",
                    help="where np-cni records pod attachments (default: %(default)s)")
     p.add_argument("--metrics-address", default=":9490", metavar="HOST:PORT",
                    help="address of /healthz, /readyz and /metrics (default: %(default)s)")

@@ -68,10 +68,6 @@ class LabelSelector:
             r.matches(labels) for r in self.match_expressions
         )
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.match_labels and not self.match_expressions
-
     def __str__(self) -> str:
         parts = [f"{k}={v}" for k, v in self.match_labels]
         for r in self.match_expressions:

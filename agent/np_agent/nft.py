@@ -51,14 +51,3 @@ class Nft:
                 return None
             raise NftError(err.strip())
         return json.loads(out)["nftables"]
-
-    def list_text(self, family: str, table: str) -> str:
-        """The table in nft syntax, as `nft list table` prints it."""
-        self._nft.set_json_output(False)
-        try:
-            rc, out, err = self._nft.cmd(f"list table {family} {table}")
-        finally:
-            self._nft.set_json_output(True)
-        if rc != 0:
-            raise NftError(err.strip())
-        return out

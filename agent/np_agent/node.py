@@ -153,10 +153,6 @@ class NodeAgent:
             self.metrics.objects.labels(kind).set(len(self._current(kind)))
             self._mark()
 
-    def endpoints_changed(self) -> None:
-        with self._cond:
-            self._mark()
-
     def _parse(self, kind: str, raw: dict[str, Any]) -> Any:
         try:
             return parse_object({**raw, "kind": _KIND[kind]})

@@ -19,7 +19,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from .spec import GATEWAY_V4, GATEWAY_V6, IO_FAILURE, CniError
+from .spec import GATEWAY_V4, GATEWAY_V6, IO_FAILURE, UNKNOWN_CONTAINER, CniError
 
 HOST_PREFIX = "np"  # matches np_agent.layout.CNI_IFNAME_PREFIX: anti-spoofing keys on it
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -59,7 +59,7 @@ def create(netns: str, host_if: str, ifname: str, addresses: list[IPAddress], mt
     """Create the veth pair and configure the pod side. The host side stays down: it is
     brought up by activate() only once the agent has programmed the pod's policy."""
     if not Path(netns).exists():
-        raise CniError(3, f"network namespace {netns} does not exist")
+        raise CniError(UNKNOWN_CONTAINER, f"network namespace {netns} does not exist")
     delete(host_if)  # left by an ADD of this very attachment that crashed half-way
     _ip(["link", "add", host_if, "mtu", str(mtu), "type", "veth", "peer", "name", ifname,
          "mtu", str(mtu), "netns", netns])

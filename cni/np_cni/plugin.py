@@ -29,6 +29,7 @@ from .spec import (
     CHECK_FAILED,
     INVALID_CONFIG,
     INVALID_ENVIRONMENT,
+    IO_FAILURE,
     NOT_AVAILABLE,
     Attachment,
     CniError,
@@ -72,7 +73,7 @@ def _step(name: str, fn: Callable[[], Any]) -> Any:
     except CniError as e:
         raise CniError(e.code, f"ADD failed at step '{name}': {e.msg}", e.details) from None
     except OSError as e:
-        raise CniError(5, f"ADD failed at step '{name}': {e}") from None
+        raise CniError(IO_FAILURE, f"ADD failed at step '{name}': {e}") from None
 
 
 def cmd_add(env: Env, conf: NetConf) -> dict[str, Any]:
@@ -207,7 +208,7 @@ def cmd_gc(env: Env, conf: NetConf) -> None:
                 errors.append(f"{cid}/{ifname}: {e.msg}")
     _notify(conf, {"op": "sync"})
     if errors:
-        raise CniError(5, "GC could not release everything", "; ".join(errors))
+        raise CniError(IO_FAILURE, "GC could not release everything", "; ".join(errors))
 
 
 def _host_local_allocations(conf: NetConf) -> list[tuple[str, str]]:
