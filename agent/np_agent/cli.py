@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch-timeout", type=int, default=300, metavar="SECONDS",
                    help="server-side length of one watch; a connection silent for this plus "
                         "30 s is considered dead (default: %(default)s)")
+    p.add_argument("--pid-file", metavar="FILE",
+                   help="write the agent's PID here (the np-cni host wrapper of the DaemonSet "
+                        "finds the agent's filesystem through it)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default: %(default)s")
     p.set_defaults(func=cmd_run)

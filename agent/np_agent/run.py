@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
@@ -141,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
     for noisy in ("pyroute2", "urllib3", "kubernetes"):  # their debug output drowns ours
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
+    if args.pid_file:
+        Path(args.pid_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.pid_file).write_text(f"{os.getpid()}\n")
     registry = Registry()
     agent = NodeAgent(args.node_name, EndpointStore(args.endpoints_dir), registry=registry,
                       after_sync=None if args.keep_established else ConntrackCutter())
