@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
-kubernetes = pytest.importorskip("kubernetes")
 import urllib3  # noqa: E402  (a dependency of kubernetes)
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402

@@ -17,8 +17,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-
-kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client  # noqa: E402
 
 from np_agent import kube  # noqa: E402
