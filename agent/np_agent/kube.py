@@ -24,13 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .memory import release
+
 log = logging.getLogger("np_agent.kube")
 
 KINDS = ("namespaces", "pods", "networkpolicies", "nodes")
 
 
 class Handler(Protocol):
-    def replace(self, kind: str, items: list[dict[str, Any]]) -> None: ...
+    def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
+        """A full list. ``items`` is emptied after the call: keep what you need, not it."""
     def event(self, kind: str, type_: str, obj: dict[str, Any]) -> None: ...
 
 
@@ -136,10 +139,13 @@ class Reflector(threading.Thread):
             if not token:
                 break
         self.handler.replace(self.kind, items)
+        count = len(items)
+        items.clear()  # the raw list is the biggest thing this process ever holds
+        release()
         self.resource_version = rv
         self.lists += 1
         self.synced.set()
-        log.info("%s: listed %d objects at resourceVersion %s", self.kind, len(items), rv)
+        log.info("%s: listed %d objects at resourceVersion %s", self.kind, count, rv)
 
     def _watch(self) -> None:
         from kubernetes.watch.watch import iter_resp_lines

@@ -23,7 +23,6 @@ from .compiler import Compiled, Delta, NodeCompiler
 from .dataplane import ApplyResult, Dataplane
 from .endpoints import EndpointStore
 from .httpserver import Registry
-from .memory import release
 from .model import ClusterState, ModelError, fail_closed_policy, parse_object
 from .ruleset import Ruleset
 
@@ -99,8 +98,6 @@ class NodeAgent:
             obj = self._parse(kind, raw)
             if obj is not None:
                 objects[self._ref(kind, obj)] = obj
-        del items  # the raw list is the biggest thing this process ever holds
-        release()
         with self._cond:
             self.metrics.objects.labels(kind).set(len(objects))
             if not self._loaded:
