@@ -71,8 +71,9 @@ class ClusterNode:
 
 
 class ClusterLab:
-    def __init__(self, nodes: int = 2, agent_args: tuple[str, ...] = ()) -> None:
-        self.lab = Lab()
+    def __init__(self, nodes: int = 2, agent_args: tuple[str, ...] = (),
+                 prefix: str | None = None) -> None:
+        self.lab = Lab(prefix)
         try:
             self.nodes: list[ClusterNode] = []
             self._agent_args = agent_args
@@ -213,6 +214,10 @@ class ClusterLab:
         result = prev
         for plugin in plugins:
             conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **plugin}
+            if isinstance(conf.get("ipam"), dict) and conf["ipam"].get("type") == "host-local":
+                # The one departure from the node's conflist: host-local keeps its state in
+                # the lab, not in this machine's /var/lib/cni.
+                conf["ipam"] = {**conf["ipam"], "dataDir": str(node.dir / "ipam")}
             if result is not None:
                 conf["prevResult"] = result
             binary = NP_CNI if plugin["type"] == "np-cni" else Path(CNI_PATH) / plugin["type"]
