@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,6 +16,20 @@ sys.path.insert(0, str(ROOT / "tests"))  # oracle.py, helpers
 
 from np_agent.manifests import LoadResult, add_object  # noqa: E402
 from np_agent.model import ClusterState  # noqa: E402
+
+
+def eventually(fn: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01,
+               message: str | Callable[[], str] = "") -> Any:
+    """Poll ``fn`` until it returns something truthy; fail with ``message`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            pytest.fail(f"not true within {timeout} s: {text or fn}")
+        time.sleep(interval)
 
 
 def load_yaml(*texts: str, base: ClusterState | None = None) -> LoadResult:

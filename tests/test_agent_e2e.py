@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from conftest import eventually as _eventually
 from np_agent.lab.cluster import ClusterLab, ClusterPod
 
 pytestmark = pytest.mark.kernel
@@ -38,22 +39,15 @@ PROBE_TIMEOUT = 0.25
 FAST_TIMEOUT = 0.05  # latency measurements: an allowed flow answers in about a millisecond
 BOUND = 3.0  # seconds for a change to be enforced when no tighter bound is asked for
 
+def eventually(fn: Callable[[], Any], timeout: float = BOUND, interval: float = 0.02,
+               message: str | Callable[[], str] = "") -> Any:
+    return _eventually(fn, timeout, interval, message)
+
+
 # A flow: (src ref, dst ref, proto, port, IP version)
 Flow = tuple[str, str, str, int, int]
 
 
-def eventually(fn: Callable[[], Any], timeout: float = BOUND, interval: float = 0.02,
-               message: str | Callable[[], str] = "") -> Any:
-    """Poll ``fn`` until it returns something truthy; fail with ``message`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            pytest.fail(f"not true within {timeout} s: {text or fn}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")

@@ -19,26 +19,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from kubernetes import client  # noqa: E402
 
+from conftest import eventually
 from np_agent import kube  # noqa: E402
 from np_agent.dataplane import ApplyResult  # noqa: E402
 from np_agent.endpoints import EndpointStore  # noqa: E402
 from np_agent.kube import Backoff, Reflector, WatchOptions  # noqa: E402
 from np_agent.lab.fakeapi import FakeApiServer  # noqa: E402
 from np_agent.node import NodeAgent  # noqa: E402
-
-
-def eventually(fn: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01,
-               message: str | Callable[[], str] = "") -> Any:
-    """Poll ``fn`` until it returns something truthy; fail with ``message`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            pytest.fail(f"not true within {timeout} s: {text or fn}")
-        time.sleep(interval)
 
 
 def pod(name: str, ns: str = "x", ip: str = "10.1.0.1", node: str = "node-1",

@@ -72,18 +72,27 @@ class ClusterNode:
 
 class ClusterLab:
     def __init__(self, nodes: int = 2, agent_args: tuple[str, ...] = (),
-                 prefix: str | None = None) -> None:
+                 prefix: str | None = None, kubeconfig: str | None = None) -> None:
+        """``kubeconfig``: use that API server instead of an in-process fake one (the lab's
+        Node, Namespace, Pod and NetworkPolicy objects are then created there)."""
         self.lab = Lab(prefix)
         try:
             self.nodes: list[ClusterNode] = []
             self._agent_args = agent_args
+            self._node_prefix = "" if kubeconfig is None else self.lab.prefix
             self._build_nodes(nodes)
-            self.api = FakeApiServer("10.0.0.1", netns=self.nodes[0].netns,
-                                     bookmark_interval=1.0).start()
+            self.api: Any
+            if kubeconfig is None:
+                self.api = FakeApiServer("10.0.0.1", netns=self.nodes[0].netns,
+                                         bookmark_interval=1.0).start()
+            else:
+                from .kubeapi import KubeApi
+
+                self.api = KubeApi(kubeconfig, self.nodes[0].netns, "10.0.0.1")
             self.kubeconfig = self.lab.workdir / "kubeconfig"
             self.api.kubeconfig(self.kubeconfig)
             for node in self.nodes:
-                self.api.create("nodes", self._node_object(node))
+                self.api.apply("nodes", self._node_object(node))
             self.pods: dict[str, ClusterPod] = {}
             for node in self.nodes:
                 self.start_agent(node)
@@ -122,7 +131,8 @@ class ClusterLab:
             self.lab.run(netns, ["ip", "link", "set", "eth1", "up"])
             d = self.lab.workdir / f"node-{i}"
             d.mkdir()
-            self.nodes.append(ClusterNode(f"node-{i}", i, netns, target, f"10.0.0.{i}",
+            self.nodes.append(ClusterNode(f"{self._node_prefix}node-{i}", i, netns, target,
+                                          f"10.0.0.{i}",
                                           (f"10.244.{i}.0/24", f"fd00:10:244:{i}::/64"), d))
 
     @staticmethod
@@ -253,6 +263,13 @@ class ClusterLab:
                 self.stop_agent(node)
         api = getattr(self, "api", None)
         if api is not None:
+            if getattr(self, "_node_prefix", ""):  # a real API server: take our objects back
+                for pod in list(getattr(self, "pods", {}).values()):
+                    with contextlib.suppress(Exception):
+                        api.delete("pods", pod.namespace, pod.name)
+                for node in self.nodes:
+                    with contextlib.suppress(Exception):
+                        api.delete("nodes", "", node.name)
             api.stop()
         self.lab.close()
 

@@ -312,11 +312,11 @@ class ConformanceCluster(ClusterLab):
     """
 
     def __init__(self, nodes: int = 2, prefix: str | None = None,
-                 agent_args: tuple[str, ...] = ()) -> None:
+                 agent_args: tuple[str, ...] = (), kubeconfig: str | None = None) -> None:
         self.served: dict[str, list[Check]] = {}  # pod ref -> served TCP/UDP ports
         self.model_labels: dict[str, dict[str, str]] = {}  # ref / namespace -> labels
         self.model_ns_labels: dict[str, dict[str, str]] = {}
-        super().__init__(nodes, agent_args=agent_args, prefix=prefix)
+        super().__init__(nodes, agent_args=agent_args, prefix=prefix, kubeconfig=kubeconfig)
 
     # ------------------------------------------------------------------ the model
 
