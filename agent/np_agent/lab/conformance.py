@@ -81,16 +81,6 @@ TCP80, TCP81, UDP80, UDP81 = Check("TCP", 80), Check("TCP", 81), Check("UDP", 80
 ALL_CHECKS = (TCP80, TCP81, UDP80, UDP81)
 
 
-def parse_check(text: str) -> Check:
-    """``tcp/80``, ``80/tcp`` or ``80`` (TCP) -> Check."""
-    parts = text.replace(":", "/").split("/")
-    proto = next((p.upper() for p in parts if not p.isdigit()), "TCP")
-    port = next((int(p) for p in parts if p.isdigit()), None)
-    if port is None or proto not in PROTOCOLS:
-        raise ValueError(f"bad port/protocol {text!r} (e.g. tcp/80, udp/81)")
-    return Check(proto, port)
-
-
 # --------------------------------------------------------------------------- truth tables
 
 
@@ -128,9 +118,6 @@ class TruthTable:
 
     def get(self, frm: str, to: str) -> bool | None:
         return self.values.get((frm, to))
-
-    def is_complete(self) -> bool:
-        return all((f, t) in self.values for f in self.froms for t in self.tos)
 
     def cells(self) -> Iterator[tuple[str, str]]:
         for frm in self.froms:
