@@ -93,8 +93,10 @@ class RealCluster:
         return _run([str(Path(K8S_BIN) / "kubectl"), "--kubeconfig", str(self.kubeconfig),
                      *args], check=check, input_=input_, timeout=timeout).stdout
 
-    def apply(self, text: str) -> None:
-        self.kubectl("apply", "-f", "-", input_=text)
+    def apply(self, *objs: dict[str, Any]) -> None:
+        """As JSON: YAML 1.1 readers (kubectl's) take an unquoted `y` for a boolean."""
+        self.kubectl("apply", "-f", "-", input_=json.dumps(
+            {"apiVersion": "v1", "kind": "List", "items": list(objs)}))
 
     def node_sh(self, node: str, script: str, check: bool = True) -> str:
         return _run([sys.executable, str(REALNODE), "--state", str(self.state), "exec", node,
@@ -269,14 +271,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
         assert str(state) not in mounts
 
 
-def model_yaml() -> str:
+def model_objects() -> list[dict[str, Any]]:
     docs = []
     for n, ns in enumerate("xyz"):
         docs.append({"apiVersion": "v1", "kind": "Namespace",
                      "metadata": {"name": ns, "labels": {"ns": ns}}})
         for i, pod in enumerate("abc"):
             docs.append(probe_pod(ns, pod, NODES[(3 * n + i) % 2], {"pod": pod}))
-    return yaml.safe_dump_all(docs)
+    return docs
 
 
 def probe_pod(ns: str, name: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -308,11 +310,11 @@ def all_ready(c: RealCluster, namespaces: str) -> bool:
             for cond in p["status"].get("conditions", [])) for p in pods)
 
 
-def policy(text: str) -> str:
+def policy(text: str) -> dict[str, Any]:
     doc = yaml.safe_load(text)
     doc.setdefault("apiVersion", "networking.k8s.io/v1")
     doc.setdefault("kind", "NetworkPolicy")
-    return yaml.safe_dump(doc)
+    return doc
 
 
 def delete_policies(c: RealCluster) -> None:
@@ -324,9 +326,12 @@ def delete_policies(c: RealCluster) -> None:
 
 
 def test_install_manifest_accepted_by_the_api_server(cluster: RealCluster) -> None:
-    """The real API server validates every object (schema, RBAC, DaemonSet spec)."""
-    out = cluster.kubectl("apply", "--dry-run=server", "-f",
-                          str(ROOT / "daemonset" / "install.yaml"))
+    """The real API server validates every object (schema, RBAC, DaemonSet spec). A server
+    dry run cannot create a namespace for the objects in it, so the Namespace goes first."""
+    install = ROOT / "daemonset" / "install.yaml"
+    docs = [d for d in yaml.safe_load_all(install.read_text()) if d]
+    cluster.apply(*[d for d in docs if d["kind"] == "Namespace"])
+    out = cluster.kubectl("apply", "--dry-run=server", "-f", str(install))
     assert "daemonset.apps/np-agent created (server dry run)" in out, out
     uninstall = cluster.kubectl("apply", "--dry-run=server", "-f",
                                 str(ROOT / "daemonset" / "uninstall.yaml"))
@@ -367,7 +372,7 @@ def test_install_turns_nodes_ready(cluster: RealCluster) -> None:
 def test_model_pods_start_and_reach_each_other(cluster: RealCluster) -> None:
     """The upstream model on both nodes, through the kubelet and np-cni; no policy: every
     pod reaches every other on TCP and UDP 80/81, across nodes."""
-    cluster.apply(model_yaml())
+    cluster.apply(*model_objects())
     cluster.wait("the model's pods Ready", lambda: all_ready(cluster, "x,y,z"), 120)
     for ref, (ip, node) in pod_ips(cluster, "x,y,z").items():
         cluster.pods[ref] = ModelPod(ref, node, ip)
@@ -387,7 +392,7 @@ def test_pod_start_to_first_allowed_packet(cluster: RealCluster) -> None:
             "np-probe", "watch", "10", "50", f"tcp:{target.ip}:80"]
         doc["spec"]["containers"][0].pop("readinessProbe")
         t0 = time.time()
-        cluster.apply(yaml.safe_dump(doc))
+        cluster.apply(doc)
 
         def first_ok(name: str = name) -> float | None:
             logs = cluster.kubectl("-n", "y", "logs", name, check=False)
@@ -484,7 +489,7 @@ def test_aks_demo(cluster: RealCluster) -> None:
             meta = obj["metadata"]
             obj = probe_pod(meta["namespace"], meta["name"], NODES[i % 2], meta["labels"])
             pods.append(f"{meta['namespace']}/{meta['name']}")
-        cluster.apply(yaml.safe_dump(obj))
+        cluster.apply(obj)
     cluster.wait("aks-demo pods Ready", lambda: all_ready(cluster, "backend,frontend"), 120)
     for ref, (ip, node) in pod_ips(cluster, "backend,frontend").items():
         cluster.pods[ref] = ModelPod(ref, node, ip)
@@ -539,7 +544,7 @@ def test_deleting_a_pod_releases_its_ip(cluster: RealCluster) -> None:
     """The kubelet's CNI DEL (through the shim, to the agent) frees the host-local address
     and the endpoint record."""
     doc = probe_pod("z", "ephemeral", NODES[1], {"pod": "ephemeral"})
-    cluster.apply(yaml.safe_dump(doc))
+    cluster.apply(doc)
     ip = cluster.wait("the pod's IP", lambda: pod_ips(cluster, "z")["z/ephemeral"][0], 60)
     listing = cluster.node_sh(NODES[1], "ls /var/lib/cni/networks/np-nft/ "
                                         "/var/lib/np-nft/endpoints/")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
-from .cniserver import DEFAULT_SOCKET
+from .cniserver import DEFAULT_PLUGIN_DIR, DEFAULT_SOCKET
 from .compiler import compile_state
 from .endpoints import DEFAULT_DIR
 from .manifests import LoadResult, load_manifests
+from .pending import DEFAULT_DIR as DEFAULT_PENDING_DIR
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
 
@@ -79,6 +81,32 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_install_cni(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .nodesetup import SetupError, install_cni
+
+    plugins = [p.strip() for p in args.plugins.split(",") if p.strip()]
+    try:
+        done = install_cni(Path(args.bin_dir), Path(args.shim), Path(args.plugins_from),
+                           plugins, Path(args.state_dir))
+    except SetupError as e:
+        print(f"np-agent: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    print("\n".join(done))
+    return EXIT_OK
+
+
+def cmd_uninstall_node(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .nodesetup import uninstall_node
+
+    print("\n".join(uninstall_node(Path(args.cni_conf_dir), Path(args.bin_dir),
+                                   Path(args.run_dir), Path(args.state_dir))))
+    return EXIT_OK
+
+
 def _manifest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifests", nargs="+", required=True, metavar="PATH",
                    help="YAML/JSON files or directories (searched recursively) holding Pods, "
@@ -141,9 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=int, default=1500, help="pod veth MTU in the conflist "
                                                          "(default: %(default)s)")
     p.add_argument("--cni-socket", default=DEFAULT_SOCKET, metavar="PATH",
-                   help="unix socket np-cni talks to (default: %(default)s)")
+                   help="unix socket np-cni (the host's shim, or the Python plugin) talks to "
+                        "(default: %(default)s)")
     p.add_argument("--endpoints-dir", default=str(DEFAULT_DIR), metavar="DIR",
                    help="where np-cni records pod attachments (default: %(default)s)")
+    p.add_argument("--cni-plugin-dir", default=DEFAULT_PLUGIN_DIR, metavar="DIR",
+                   help="CNI_PATH for the CNI commands the agent runs for the host's shim: "
+                        "the IPAM plugin (host-local) comes from the agent's image, not from "
+                        "the host (default: %(default)s)")
+    p.add_argument("--pending-dir", default=str(DEFAULT_PENDING_DIR), metavar="DIR",
+                   help="where the shim spools DELs while the agent is down; they are "
+                        "replayed at start and on every shim request (default: %(default)s)")
     p.add_argument("--metrics-address", default=":9490", metavar="HOST:PORT",
                    help="address of /healthz, /readyz and /metrics (default: %(default)s)")
     p.add_argument("--keep-established", action="store_true",
@@ -156,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server-side length of one watch; a connection silent for this plus "
                         "30 s is considered dead (default: %(default)s)")
     p.add_argument("--pid-file", metavar="FILE",
-                   help="write the agent's PID here (the np-cni host wrapper of the DaemonSet "
-                        "finds the agent's filesystem through it)")
+                   help="deprecated, no longer needed (the old chroot wrapper used it; the "
+                        "shim talks to the socket): still accepted, writes the agent's PID")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default: %(default)s")
     p.set_defaults(func=cmd_run)
@@ -165,7 +201,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", help="delete table inet np-nft from this network namespace",
                        description="Uninstall: delete np-nft's table. Pods are open afterwards.")
     p.set_defaults(func=cmd_remove)
+    _install_parsers(sub)
     return parser
+
+
+def _install_parsers(sub: Any) -> None:
+    from .nodesetup import DEFAULT_PLUGINS, DEFAULT_SHIM
+
+    p = sub.add_parser("install-cni", help="install the np-cni shim on the host (init "
+                                           "container)",
+                       description="Install the static np-cni shim as BIN_DIR/np-cni and the "
+                                   "reference plugins BIN_DIR lacks, each atomically (temp "
+                                   "file, fsync, rename). What was installed is recorded in "
+                                   "STATE_DIR for uninstall-node.")
+    p.add_argument("--bin-dir", required=True, metavar="DIR",
+                   help="the host's CNI bin directory, e.g. /host/opt/cni/bin")
+    p.add_argument("--shim", default=str(DEFAULT_SHIM), metavar="PATH",
+                   help="the shim binary to install (default: %(default)s)")
+    p.add_argument("--plugins-from", default=DEFAULT_PLUGIN_DIR, metavar="DIR",
+                   help="where the reference plugins are (default: %(default)s)")
+    p.add_argument("--plugins", default=",".join(DEFAULT_PLUGINS), metavar="LIST",
+                   help="comma-separated plugins to copy where BIN_DIR lacks them "
+                        "(default: %(default)s; empty: none)")
+    p.add_argument("--state-dir", default="/var/lib/np-nft", metavar="DIR",
+                   help="np-nft's state directory on the host (default: %(default)s)")
+    p.set_defaults(func=cmd_install_cni)
+
+    p = sub.add_parser("uninstall-node", help="remove np-nft from this node",
+                       description="Remove the conflist np-nft wrote, the np-cni shim (only if "
+                                   "it is np-nft's), the plugins install-cni installed, table "
+                                   "inet np-nft and the proto 201 routes of this network "
+                                   "namespace, the run and state directories. Idempotent. "
+                                   "Stop the agent first (it would write the conflist again). "
+                                   "Pods wired by np-cni are not touched.")
+    p.add_argument("--cni-conf-dir", default="/etc/cni/net.d", metavar="DIR",
+                   help="default: %(default)s")
+    p.add_argument("--bin-dir", default="/opt/cni/bin", metavar="DIR",
+                   help="default: %(default)s")
+    p.add_argument("--run-dir", default="/run/np-nft", metavar="DIR",
+                   help="default: %(default)s")
+    p.add_argument("--state-dir", default="/var/lib/np-nft", metavar="DIR",
+                   help="default: %(default)s")
+    p.set_defaults(func=cmd_uninstall_node)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,21 @@ def list_functions(api_client: Any) -> dict[str, Callable[..., Any]]:
             "nodes": core.list_node}
 
 
+def pod_getter(api_client: Any, timeout: float = 2.0) -> Callable[[str, str], dict[str, Any]]:
+    """One GET of one pod, raw JSON, with a short timeout: np-cni's ADD waits for it (see
+    cniserver: a pod the watch has not delivered yet). Raises on any failure."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+
+    def get(namespace: str, name: str) -> dict[str, Any]:
+        resp = core.read_namespaced_pod(name, namespace, _preload_content=False,
+                                        _request_timeout=(min(timeout, 1.0), timeout))
+        return json.loads(resp.data)
+
+    return get
+
+
 class Reflector(threading.Thread):
     def __init__(self, kind: str, list_fn: Callable[..., Any], handler: Handler,
                  stop: threading.Event, options: WatchOptions | None = None,

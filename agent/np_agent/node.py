@@ -79,6 +79,10 @@ class NodeAgent:
         self._last = Outcome(0)
         self._stop = False
         self._thread: threading.Thread | None = None
+        # Pods read with GET ahead of their watch event (ref -> resourceVersion): watch
+        # events older than that are not applied to them (see learn_pod).
+        self._fetched_rv: dict[str, int] = {}
+        self._ready_hooks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ inputs
 
@@ -100,6 +104,8 @@ class NodeAgent:
                 objects[self._ref(kind, obj)] = obj
         with self._cond:
             self.metrics.objects.labels(kind).set(len(objects))
+            if kind == "pods":
+                self._fetched_rv.clear()  # a relist is a consistent snapshot: it rules
             if not self._loaded:
                 self._listed[kind] = objects
                 if all(k in self._listed for k in POLICY_KINDS):
@@ -140,6 +146,10 @@ class NodeAgent:
                             listed[self._ref(kind, obj)] = obj
                     self.metrics.objects.labels(kind).set(len(listed))
                 return
+            if self._older_than_fetched(kind, raw):
+                log.debug("%s %s: older than the copy read with GET, skipped", type_,
+                          self._raw_ref(kind, raw))
+                return
             if type_ == "DELETED":
                 self._delete(kind, self._raw_ref(kind, raw))
             else:
@@ -149,6 +159,54 @@ class NodeAgent:
                 self._set(kind, obj)
             self.metrics.objects.labels(kind).set(len(self._current(kind)))
             self._mark()
+
+    def learn_pod(self, raw: dict[str, Any], uid: str) -> bool:
+        """Put a Pod read with GET into the state ahead of its watch event; False (nothing
+        changed) when it cannot be parsed or is not the pod with ``uid``.
+
+        A watch that is behind then delivers events older than this copy: applying them
+        would regress the pod (old labels, or a DELETED of its predecessor with the same
+        name would make it unknown again) until the watch catches up. So events for it are
+        skipped while their resourceVersion is numerically lower than the copy's, and the
+        guard ends with the first event that is not older. resourceVersions are opaque by
+        contract but are etcd revisions, one global increasing integer, in every API server
+        this agent meets; a non-numeric one simply disables the guard (events win). A
+        relist clears the guards: its snapshot is consistent, and the watch that follows it
+        delivers every later change in order.
+        """
+        pod = self._parse("pods", raw)
+        if pod is None or (uid and pod.uid and pod.uid != uid):
+            return False
+        rv = _resource_version(raw)
+        with self._cond:
+            if not self._loaded:
+                listed = self._listed.get("pods")
+                if listed is None:
+                    return False  # the pods' first list is still to come and will hold it
+                listed[pod.ref] = pod
+                return True
+            known = self.compiler.state.pods.get(pod.ref)
+            if known is not None and known.uid == pod.uid:
+                return True  # the watch delivered it meanwhile: its stream stays in order
+            if rv is not None:
+                self._fetched_rv[pod.ref] = rv
+            self._set("pods", pod)
+            self._mark()
+        return True
+
+    def _older_than_fetched(self, kind: str, raw: dict[str, Any]) -> bool:
+        """True for a watch event older than the pod's GET copy (caller holds the lock)."""
+        if kind != "pods" or not self._fetched_rv:
+            return False
+        ref = self._raw_ref(kind, raw)
+        fetched = self._fetched_rv.get(ref)
+        if fetched is None:
+            return False
+        rv = _resource_version(raw)
+        if rv is not None and rv < fetched:
+            return True
+        del self._fetched_rv[ref]  # the watch has caught up with the copy
+        return False
 
     def _parse(self, kind: str, raw: dict[str, Any]) -> Any:
         try:
@@ -192,6 +250,16 @@ class NodeAgent:
         self._cond.notify_all()
 
     # ------------------------------------------------------------------ syncing
+
+    def on_ready(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` once, from the sync thread, after the first successful sync (at
+        once if that already happened): e.g. the CNI conflist is installed only then, so the
+        runtime never calls np-cni before the agent can program pods."""
+        with self._cond:
+            if not self.ready:
+                self._ready_hooks.append(hook)
+                return
+        hook()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._worker, name="sync", daemon=True)
@@ -255,7 +323,7 @@ class NodeAgent:
             with self._cond:
                 self._verify = True  # list the kernel next time: we do not know what it holds
             return Outcome(generation, error=str(e))
-        self.ready = True
+        self._became_ready()
         self.applied_seq = seq
         self.metrics.syncs.inc()
         self.metrics.elements.set(ruleset.element_count())
@@ -276,6 +344,16 @@ class NodeAgent:
                     self.metrics.errors.labels("after_sync").inc()
         return Outcome(generation, result=result)
 
+    def _became_ready(self) -> None:
+        with self._cond:
+            self.ready = True
+            hooks, self._ready_hooks = self._ready_hooks, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception as e:  # noqa: BLE001 - a hook never breaks enforcement
+                log.error("ready hook failed: %s", e)
+
     # ------------------------------------------------------------------ queries
 
     def compiled(self) -> Compiled:
@@ -290,3 +368,12 @@ class NodeAgent:
         with self._cond:
             pod = self.compiler.state.pods.get(ep.pod_ref)
         return pod is None or bool(pod.uid and ep.uid and pod.uid != ep.uid)
+
+
+def _resource_version(raw: dict[str, Any]) -> int | None:
+    """metadata.resourceVersion as an integer, None when absent or not numeric."""
+    value = (raw.get("metadata") or {}).get("resourceVersion")
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

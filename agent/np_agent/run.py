@@ -36,7 +36,12 @@ log = logging.getLogger("np_agent")
 
 
 class NodeNetwork:
-    """Watches Nodes: this node's conflist (from its podCIDRs) and routes to the others."""
+    """Watches Nodes: this node's conflist (from its podCIDRs) and routes to the others.
+
+    The conflist is written only once the agent is ready (:meth:`agent_ready`, after its
+    first successful sync): a runtime that finds it calls np-cni at once, and an ADD before
+    the agent can program pods would fail, or wait, for nothing.
+    """
 
     def __init__(self, node_name: str, conf_dir: Path | None, routes: RouteManager | None,
                  agent_socket: str, endpoints_dir: str, mtu: int) -> None:
@@ -44,6 +49,13 @@ class NodeNetwork:
         self.agent_socket, self.endpoints_dir, self.mtu = agent_socket, endpoints_dir, mtu
         self.nodes: dict[str, NodeInfo] = {}
         self._lock = threading.Lock()
+        self._agent_ready = False
+
+    def agent_ready(self) -> None:
+        """The agent applied its first sync: the conflist may go in now."""
+        with self._lock:
+            self._agent_ready = True
+            self._apply()
 
     def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
         with self._lock:
@@ -73,7 +85,7 @@ class NodeNetwork:
         if local is None:
             log.warning("Node %s not found: no conflist, no routes yet", self.node_name)
             return
-        if self.conf_dir is not None and local.pod_cidrs:
+        if self.conf_dir is not None and local.pod_cidrs and self._agent_ready:
             conflist = conflist_for(local, agent_socket=self.agent_socket,
                                     endpoints_dir=self.endpoints_dir, mtu=self.mtu)
             if write_conflist(self.conf_dir, conflist):
@@ -142,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
     for noisy in ("pyroute2", "urllib3", "kubernetes"):  # their debug output drowns ours
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
-    if args.pid_file:
+    if args.pid_file:  # deprecated: only the old chroot wrapper needed it
         Path(args.pid_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.pid_file).write_text(f"{os.getpid()}\n")
     registry = Registry()
@@ -151,7 +163,11 @@ def run(args: argparse.Namespace) -> int:
     agent.start()
     stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
     reflectors: list[Any] = []
-    cni = CniServer(args.cni_socket, agent)
+    cni = CniServer(args.cni_socket, agent, plugin_dir=args.cni_plugin_dir,
+                    pending_dir=args.pending_dir)
+    # DELs the host's shim spooled while no agent ran: released before any ADD is served
+    # (clients connecting meanwhile wait in the socket's backlog).
+    cni.pending.replay()
     cni.serve_in_background()
 
     def ready() -> tuple[bool, str]:
@@ -175,7 +191,9 @@ def run(args: argparse.Namespace) -> int:
             nodes = NodeNetwork(args.node_name, None if args.no_cni_conf else
                                 Path(args.cni_conf_dir), routes, args.cni_socket,
                                 args.endpoints_dir, args.mtu)
+            agent.on_ready(nodes.agent_ready)
             client = kube.api_client(args.kubeconfig)
+            cni.pod_getter = kube.pod_getter(client)
             handler = Dispatch(agent, nodes)
             options = kube.WatchOptions(watch_timeout=args.watch_timeout,
                                         read_timeout=args.watch_timeout + 30.0)
@@ -185,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 r.start()
         log.info("running on node %s (cni socket %s, metrics on %s)", args.node_name,
                  args.cni_socket, f"{http.host}:{http.port}")
-        _loop(args, agent, stop, reload, wake)
+        _loop(args, agent, cni, stop, reload, wake)
     finally:
         stop.set()
         cni.close()
@@ -197,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loop(args: argparse.Namespace, agent: NodeAgent, stop: threading.Event,
+def _loop(args: argparse.Namespace, agent: NodeAgent, cni: CniServer, stop: threading.Event,
           reload: threading.Event, wake: threading.Event) -> None:
     next_check = time.monotonic() + args.resync_interval
     while not stop.is_set():
@@ -211,4 +229,5 @@ def _loop(args: argparse.Namespace, agent: NodeAgent, stop: threading.Event,
         wake.clear()
         if time.monotonic() >= next_check:
             agent.request_sync(wait=False, verify=True)  # drift check against the kernel
+            cni.pending.replay()  # a DEL spooled while this agent was restarting
             next_check = time.monotonic() + args.resync_interval

@@ -1,12 +1,21 @@
-"""Talk to np-agent over its unix socket: one JSON request line, one JSON answer line."""
+"""Talk to np-agent: over its unix socket (one JSON request line, one JSON answer line), or,
+when np-cni runs inside np-agent (requests from the host's shim), by a direct call.
+
+Both are an :data:`AgentCall`: ``call(payload, timeout) -> answer``. The commands in
+plugin.py take one, so the in-process path never goes through the socket it is being served
+on (no extra connection, no chance of waiting on itself).
+"""
 
 from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from .spec import TRY_AGAIN_LATER, CniError
+
+AgentCall = Callable[[dict[str, Any], float], dict[str, Any]]
 
 
 def request(path: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -30,7 +39,22 @@ def request(path: str, payload: dict[str, Any], timeout: float) -> dict[str, Any
     except ValueError:
         raise CniError(TRY_AGAIN_LATER, f"np-agent on {path} sent an unreadable answer",
                        data.decode(errors="replace")[:300]) from None
+    return checked(answer)
+
+
+def checked(answer: dict[str, Any]) -> dict[str, Any]:
+    """The answer itself when the agent accepted the request; its refusal as a CNI error."""
     if not answer.get("ok"):
         raise CniError(TRY_AGAIN_LATER, f"np-agent refused the request: "
                        f"{answer.get('error', 'no reason given')}")
     return answer
+
+
+def socket_call(path: str) -> AgentCall:
+    """The standalone plugin's way: a connection to the agent's socket per request."""
+    return lambda payload, timeout: request(path, payload, timeout)
+
+
+def direct_call(answer: Callable[[dict[str, Any], float], dict[str, Any]]) -> AgentCall:
+    """Inside np-agent: the socket server's answer function, called in this thread."""
+    return lambda payload, timeout: checked(answer(payload, timeout))

@@ -9,12 +9,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from .agent import AgentCall
 from .spec import (
     SPEC_VERSION,
     SUPPORTED_VERSIONS,
     CniError,
+    Env,
+    NetConf,
     parse_conf,
     parse_env,
 )
@@ -32,42 +38,76 @@ configuration on stdin. Network configuration keys beyond the standard ones:
 """
 
 
-def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+@dataclass(frozen=True)
+class InProcess:
+    """How np-agent runs np-cni inside itself for the host's shim.
+
+    ``call`` reaches the agent directly instead of through its socket; ``netns_fd_path`` is
+    where the agent reaches the pod's netns (the descriptor the shim sent); endpoints go to
+    the agent's own directory, the one it reads, whatever the network config says.
+    """
+
+    call: AgentCall
+    netns_fd_path: str = ""
+    endpoints_dir: str = ""
 
 
-def run(environ: dict[str, str], stdin: bytes) -> int:
+def execute(environ: Mapping[str, str], stdin: bytes,
+            inproc: InProcess | None = None) -> tuple[int, str]:
+    """Run one CNI command; return the exit code and what the plugin prints on stdout.
+
+    Returned rather than written so np-agent can send it back to the shim; the console
+    script (:func:`run`) writes it.
+    """
     version = SPEC_VERSION
     try:
         env = parse_env(environ)
         conf = parse_conf(stdin, env.command)
         version = conf.cni_version
         if env.command == "VERSION":
-            _emit({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
-            return 0
-        from . import plugin  # the commands import the agent's endpoint store
-
-        if env.command == "ADD":
-            _emit(plugin.cmd_add(env, conf))
-        elif env.command == "DEL":
-            plugin.cmd_del(env, conf)
-        elif env.command == "CHECK":
-            plugin.cmd_check(env, conf)
-        elif env.command == "STATUS":
-            plugin.cmd_status(env, conf)
-        else:
-            plugin.cmd_gc(env, conf)
-        return 0
+            return 0, _json({"cniVersion": version,
+                             "supportedVersions": list(SUPPORTED_VERSIONS)})
+        call = None
+        if inproc is not None:
+            env.netns_fd_path, call = inproc.netns_fd_path, inproc.call
+            if inproc.endpoints_dir:
+                conf.endpoints_dir = Path(inproc.endpoints_dir)
+        return 0, _command(env, conf, call)
     except CniError as e:
-        _emit(e.to_json(version))
-        return 1
+        return 1, _json(e.to_json(version))
     except Exception as e:  # noqa: BLE001 - the runtime must always get a CNI error object
-        _emit(CniError(999, f"np-cni internal error: {type(e).__name__}: {e}").to_json(version))
-        return 1
+        return 1, _json(CniError(999, f"np-cni internal error: {type(e).__name__}: {e}")
+                        .to_json(version))
+
+
+def _command(env: Env, conf: NetConf, call: AgentCall | None) -> str:
+    """Dispatch to plugin.py; only ADD prints a result."""
+    from . import plugin  # the commands import the agent's endpoint store
+
+    if env.command == "ADD":
+        return _json(plugin.cmd_add(env, conf, call))
+    handler = {"DEL": plugin.cmd_del, "CHECK": plugin.cmd_check,
+               "STATUS": plugin.cmd_status, "GC": plugin.cmd_gc}[env.command]
+    handler(env, conf, call)
+    return ""
+
+
+def _json(obj: dict[str, Any]) -> str:
+    """One JSON document per line, as runtimes read plugin output."""
+    return json.dumps(obj) + "\n"
+
+
+def run(environ: dict[str, str], stdin: bytes) -> int:
+    """The console script's way: execute, write the output on stdout, return the code."""
+    code, out = execute(environ, stdin)
+    if out:
+        sys.stdout.write(out)
+        sys.stdout.flush()
+    return code
 
 
 def main() -> int:
+    """The console script: the runtime's environment and stdin."""
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help", "help"):
         print(HELP.format(spec=SPEC_VERSION, versions=", ".join(SUPPORTED_VERSIONS)))
         return 0

@@ -42,9 +42,22 @@ def find_plugin(name: str, cni_path: list[str]) -> Path:
                    f"({os.pathsep.join(cni_path) or 'empty'})")
 
 
+def _environ(command: str, env: Env) -> dict[str, str]:
+    """The delegate's environment: ours without any CNI_* of our own, then the runtime's
+    CNI_* variables (np-agent runs np-cni in-process: its environment has none, and its
+    CNI_PATH is the agent's plugin directory). The netns as this process reaches it."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
+    environ.update(env.variables)
+    environ["CNI_COMMAND"] = command
+    environ["CNI_PATH"] = os.pathsep.join(env.path)
+    if env.netns_here:
+        environ["CNI_NETNS"] = env.netns_here
+    return environ
+
+
 def _run(plugin: Path, command: str, env: Env, conf: Mapping[str, Any],
          container_id: str | None = None, ifname: str | None = None) -> dict[str, Any] | None:
-    environ = {**os.environ, "CNI_COMMAND": command}
+    environ = _environ(command, env)
     if container_id is not None:
         environ["CNI_CONTAINERID"] = container_id
     if ifname is not None:

@@ -24,6 +24,7 @@ from typing import Any
 from np_agent.endpoints import Endpoint, EndpointError, EndpointStore, check_name
 
 from . import agent, ipam, link
+from .agent import AgentCall
 from .spec import (
     ALREADY_ATTACHED,
     CHECK_FAILED,
@@ -76,7 +77,13 @@ def _step(name: str, fn: Callable[[], Any]) -> Any:
         raise CniError(IO_FAILURE, f"ADD failed at step '{name}': {e}") from None
 
 
-def cmd_add(env: Env, conf: NetConf) -> dict[str, Any]:
+def _caller(conf: NetConf, call: AgentCall | None) -> AgentCall:
+    """The given way to reach the agent (np-agent's direct call), else its socket."""
+    return call if call is not None else agent.socket_call(conf.agent_socket)
+
+
+def cmd_add(env: Env, conf: NetConf, call: AgentCall | None = None) -> dict[str, Any]:
+    call = _caller(conf, call)
     if conf.prev_result:
         raise CniError(INVALID_CONFIG, "np-cni creates the pod's interface: it must be the "
                        "first plugin of the chain (it got a prevResult)")
@@ -94,18 +101,18 @@ def cmd_add(env: Env, conf: NetConf) -> dict[str, Any]:
             dns = (result or {}).get("dns") or {}
             undo.push("delete veth", lambda: link.delete(host_if))
             host_mac, pod_mac = _step("veth", lambda: link.create(
-                env.netns, host_if, env.ifname, addresses, conf.mtu))
+                env.netns_here, host_if, env.ifname, addresses, conf.mtu))
             ep = Endpoint(env.container_id, env.ifname, env.args.get("K8S_POD_NAMESPACE", ""),
                           env.args.get("K8S_POD_NAME", ""), env.args.get("K8S_POD_UID", ""),
                           host_if, tuple(str(a) for a in addresses), env.netns)
             # Undone newest first: the endpoint goes, then the agent is told to forget it.
-            undo.push("tell the agent", lambda: _notify(conf, {
+            undo.push("tell the agent", lambda: _notify(conf, call, {
                 "op": "del", "container_id": env.container_id, "ifname": env.ifname}))
             undo.push("remove endpoint", lambda: store.remove(env.container_id, env.ifname))
             _step("endpoint", lambda: store.save(ep))
-            _step("dataplane", lambda: agent.request(
-                conf.agent_socket, {"op": "add", "container_id": env.container_id,
-                                    "ifname": env.ifname}, conf.agent_timeout))
+            _step("dataplane", lambda: call(
+                {"op": "add", "container_id": env.container_id, "ifname": env.ifname},
+                conf.agent_timeout))
             _step("routes", lambda: link.activate(host_if, addresses))
         except BaseException as e:
             failures = undo.run()
@@ -118,7 +125,7 @@ def cmd_add(env: Env, conf: NetConf) -> dict[str, Any]:
     return result_json(att, conf.cni_version)
 
 
-def cmd_del(env: Env, conf: NetConf) -> None:
+def cmd_del(env: Env, conf: NetConf, call: AgentCall | None = None) -> None:
     """Idempotent: every step tolerates what is already gone (netns, veth, IP, endpoint)."""
     store = _store(conf, env)
     with store.lock(env.container_id):
@@ -126,17 +133,19 @@ def cmd_del(env: Env, conf: NetConf) -> None:
         link.delete(ep.host_if if ep else link.host_ifname(env.container_id, env.ifname))
         ipam.delegate("DEL", env, conf)
         store.remove(env.container_id, env.ifname)
-    _notify(conf, {"op": "del", "container_id": env.container_id, "ifname": env.ifname})
+    _notify(conf, _caller(conf, call), {"op": "del", "container_id": env.container_id,
+                                        "ifname": env.ifname})
 
 
-def _notify(conf: NetConf, payload: dict[str, Any]) -> None:
+def _notify(conf: NetConf, call: AgentCall, payload: dict[str, Any]) -> None:
     """Tell the agent, when it is there. When it is not, it reads the endpoint directory at
     its start, so nothing is lost; removed pods are only denied until then."""
     with contextlib.suppress(CniError):
-        agent.request(conf.agent_socket, payload, min(conf.agent_timeout, 5.0))
+        call(payload, min(conf.agent_timeout, 5.0))
 
 
-def cmd_check(env: Env, conf: NetConf) -> None:
+def cmd_check(env: Env, conf: NetConf, call: AgentCall | None = None) -> None:
+    """Compare the attachment with prevResult (``call`` is unused: CHECK asks no agent)."""
     if not conf.prev_result:
         raise CniError(INVALID_CONFIG, "CHECK needs prevResult in the network config")
     ep = _store(conf, env).get(env.container_id, env.ifname)
@@ -146,12 +155,12 @@ def cmd_check(env: Env, conf: NetConf) -> None:
     problems = []
     if not link.link_exists(ep.host_if):
         problems.append(f"host interface {ep.host_if} is missing")
-    if not Path(env.netns).exists():
+    if not Path(env.netns_here).exists():
         raise CniError(CHECK_FAILED, f"network namespace {env.netns} is gone")
     want = {ipaddress.ip_interface(ip["address"]).ip
             for ip in conf.prev_result.get("ips", [])}
     try:
-        state = link.pod_state(env.netns, env.ifname)
+        state = link.pod_state(env.netns_here, env.ifname)
     except CniError:
         state = None
         problems.append(f"interface {env.ifname} is missing in {env.netns}")
@@ -172,17 +181,17 @@ def cmd_check(env: Env, conf: NetConf) -> None:
     ipam.delegate("CHECK", env, conf)
 
 
-def cmd_status(env: Env, conf: NetConf) -> None:
+def cmd_status(env: Env, conf: NetConf, call: AgentCall | None = None) -> None:
     """Ready only when the agent answers and has its dataplane in place."""
     try:
-        answer = agent.request(conf.agent_socket, {"op": "status"}, min(conf.agent_timeout, 5.0))
+        answer = _caller(conf, call)({"op": "status"}, min(conf.agent_timeout, 5.0))
     except CniError as e:
         raise CniError(NOT_AVAILABLE, e.msg, e.details) from None
     if not answer.get("ready"):
         raise CniError(NOT_AVAILABLE, f"np-agent is not ready: {answer.get('reason', '')}")
 
 
-def cmd_gc(env: Env, conf: NetConf) -> None:
+def cmd_gc(env: Env, conf: NetConf, call: AgentCall | None = None) -> None:
     """Release every attachment np-cni made on this network that the runtime did not list
     as valid: veth, IP and endpoint; then IPs the IPAM store still holds for unknown ones."""
     valid = set(conf.valid_attachments)
@@ -206,7 +215,7 @@ def cmd_gc(env: Env, conf: NetConf) -> None:
                 ipam.delegate("DEL", env, conf, cid, ifname)
             except CniError as e:
                 errors.append(f"{cid}/{ifname}: {e.msg}")
-    _notify(conf, {"op": "sync"})
+    _notify(conf, _caller(conf, call), {"op": "sync"})
     if errors:
         raise CniError(IO_FAILURE, "GC could not release everything", "; ".join(errors))
 

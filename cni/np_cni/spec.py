@@ -54,6 +54,10 @@ def version_key(v: str) -> tuple[int, ...]:
         return (-1,)
 
 
+CNI_VARIABLES = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS",
+                 "CNI_PATH")
+
+
 @dataclass
 class Env:
     command: str
@@ -62,6 +66,19 @@ class Env:
     ifname: str = ""
     args: dict[str, str] = field(default_factory=dict)
     path: list[str] = field(default_factory=list)
+    # The CNI_* variables as the runtime gave them: delegated plugins get them unchanged,
+    # also when np-cni runs inside np-agent, whose own environment has none.
+    variables: dict[str, str] = field(default_factory=dict)
+    # Where this process reaches the pod's netns when that is not ``netns``: np-agent gets
+    # it as a descriptor from the host's shim (/proc/<agent pid>/fd/<n>), because its
+    # container does not see the runtime's netns paths. ``netns`` stays what the runtime
+    # named: that is what results and endpoint records must show.
+    netns_fd_path: str = ""
+
+    @property
+    def netns_here(self) -> str:
+        """The path this process (and its children: ip, nsenter) opens the netns by."""
+        return self.netns_fd_path or self.netns
 
 
 REQUIRED = {
@@ -91,7 +108,8 @@ def parse_env(environ: Mapping[str, str]) -> Env:
         args[key] = value
     return Env(command, environ.get("CNI_CONTAINERID", ""), environ.get("CNI_NETNS", ""),
                environ.get("CNI_IFNAME", ""), args,
-               [p for p in environ.get("CNI_PATH", "").split(os.pathsep) if p])
+               [p for p in environ.get("CNI_PATH", "").split(os.pathsep) if p],
+               {k: environ[k] for k in CNI_VARIABLES if k in environ})
 
 
 @dataclass

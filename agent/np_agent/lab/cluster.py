@@ -156,6 +156,7 @@ class ClusterLab:
             sys.executable, "-m", "np_agent.cli", "run", "--kubeconfig", str(self.kubeconfig),
             "--node-name", node.name, "--cni-conf-dir", str(node.conf_dir),
             "--cni-socket", node.socket, "--endpoints-dir", str(node.dir / "endpoints"),
+            "--pending-dir", str(node.dir / "pending-del"), "--cni-plugin-dir", CNI_PATH,
             "--metrics-address", "127.0.0.1:9490", "--watch-timeout", "10",
             "--resync-interval", "5", *self._agent_args, *extra],
             stdout=log, stderr=subprocess.STDOUT, env=env)
