@@ -1,6 +1,7 @@
-"""The deployment manifests agree with the code: RBAC covers what the agent watches, the
-container's arguments are ones np-agent accepts, the paths np-cni uses are mounted. (The
-host-side np-cni is the C shim now: tests/test_cni_shim.py.)"""
+"""The deployment manifests agree with the code: RBAC covers what the agent watches (and no
+more), the containers' arguments are ones np-agent accepts, the paths np-cni uses are mounted,
+nothing runs privileged. (The real API server and kubelet run them in tests/test_realnode.py;
+the host-side np-cni, the C shim, is tested in tests/test_cni_shim.py.)"""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from np_agent.cli import build_parser
 DAEMONSET = ROOT / "daemonset"
 
 
-def _docs() -> dict[str, dict]:
-    docs = [d for d in yaml.safe_load_all((DAEMONSET / "np-nft.yaml").read_text()) if d]
+def _docs(name: str = "install.yaml") -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all((DAEMONSET / name).read_text()) if d]
     return {d["kind"]: d for d in docs}
 
 
@@ -27,6 +28,7 @@ def test_rbac_covers_every_watched_kind():
                if {"list", "watch"} <= set(rule["verbs"])}
     groups = {"pods": "", "namespaces": "", "nodes": "", "networkpolicies": "networking.k8s.io"}
     assert {(groups[k], k) for k in kube.KINDS} <= allowed
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in rules)
 
 
 def test_container_args_are_accepted_and_paths_mounted():
@@ -47,3 +49,26 @@ def test_container_args_are_accepted_and_paths_mounted():
     assert conflist["plugins"][0]["agentSocket"] == args.cni_socket
     assert conflist["plugins"][0]["endpointsDir"] == args.endpoints_dir
 
+
+
+def test_least_privilege():
+    """No privileged container, no hostPID; the agent adds only NET_ADMIN and SYS_ADMIN."""
+    for name in ("install.yaml", "uninstall.yaml"):
+        spec = _docs(name)["DaemonSet"]["spec"]["template"]["spec"]
+        assert not spec.get("hostPID")
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            ctx = container["securityContext"]
+            assert not ctx.get("privileged") and ctx["allowPrivilegeEscalation"] is False
+            assert ctx["capabilities"]["drop"] == ["ALL"]
+            assert set(ctx["capabilities"].get("add", [])) <= {"NET_ADMIN", "SYS_ADMIN"}
+    spec = _docs()["DaemonSet"]["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+
+
+def test_init_and_uninstall_arguments_are_accepted():
+    parser = build_parser()
+    init = _docs()["DaemonSet"]["spec"]["template"]["spec"]["initContainers"][0]
+    assert parser.parse_args(init["args"]).command == "install-cni"
+    uninstall = _docs("uninstall.yaml")["DaemonSet"]["spec"]["template"]["spec"]
+    assert parser.parse_args(uninstall["initContainers"][0]["args"]).command == "uninstall-node"
