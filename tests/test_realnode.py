@@ -601,6 +601,21 @@ def test_agent_restart_and_rolling_update_open_no_window(cluster: RealCluster) -
         "allowed_probes": len(good), "seconds": round(end - start, 1)}
 
 
+@pytest.mark.skipif(os.environ.get("NP_NFT_UPSTREAM_E2E") != "1",
+                    reason="the upstream [sig-network] Netpol suite takes ~15 min: set "
+                           "NP_NFT_UPSTREAM_E2E=1 (needs e2e.test and agnhost in NP_NFT_K8S_BIN)")
+def test_upstream_netpol_suite(cluster: RealCluster) -> None:
+    """Kubernetes' own e2e suite, [sig-network] Netpol without SCTP, against the DaemonSet
+    install (probes go to Service ClusterIPs through kube-proxy in nftables mode)."""
+    t0 = time.monotonic()
+    proc = _run([sys.executable, str(REALNODE), "--state", str(cluster.state), "e2e"],
+                check=False, timeout=3 * 3600)
+    FIGURES["upstream_netpol"] = {"summary": proc.stdout.strip().splitlines(),
+                                  "seconds": round(time.monotonic() - t0)}
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 Failed" in proc.stdout and "Passed" in proc.stdout
+
+
 def test_uninstall_leaves_nothing(cluster: RealCluster) -> None:
     """kubectl delete of install.yaml, then uninstall.yaml's DaemonSet: no table, no route of
     np-nft's, no conflist, no shim on any node."""
