@@ -178,9 +178,10 @@ class CniServer(socketserver.ThreadingUnixStreamServer):
         cid, ifname = str(req.get("container_id", "")), str(req.get("ifname", ""))
         if op == "add":
             self._learn_unknown_pod(cid, ifname)
-        elif not self.agent.ready:
-            # A removal before the first sync: that sync reads the endpoints anyway, and
-            # waiting for it (the API lists may take long) would only slow DEL down.
+        elif op == "del" or not self.agent.ready:
+            # A removal is not waited for: the address it frees is handed out again only by
+            # an ADD, and every ADD waits for a sync that includes this one. Before the first
+            # sync, that sync reads the endpoints anyway.
             self.agent.request_sync(wait=False)
             return {"ok": True}
         outcome = self.agent.request_sync(wait=True, timeout=min(timeout, ANSWER_TIMEOUT))
@@ -250,10 +251,12 @@ class CniServer(socketserver.ThreadingUnixStreamServer):
         t0 = time.perf_counter()
         code, out = execute(environ, req.stdin, InProcess(
             direct_call(self.answer), fd_path, str(self.agent.store.dir)))
+        took = time.perf_counter() - t0
+        self.agent.metrics.cni.labels(req.command, str(code)).observe(took)
         log.log(logging.INFO if code == 0 else logging.WARNING,
                 "np-cni %s container %s ifname %s: exit %d in %.1f ms%s", req.command,
                 req.environ.get("CNI_CONTAINERID", "-"), req.environ.get("CNI_IFNAME", "-"),
-                code, (time.perf_counter() - t0) * 1000, f": {out.strip()}" if code else "")
+                code, took * 1000, f": {out.strip()}" if code else "")
         return code, out
 
     def serve_in_background(self) -> threading.Thread:

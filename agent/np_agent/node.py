@@ -51,6 +51,10 @@ class Metrics:
         self.transaction = registry.histogram(
             "np_agent_transaction_seconds", "nftables transaction latency",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.cni = registry.histogram(
+            "np_agent_cni_seconds", "CNI commands run for the node's shim, by command and "
+            "exit code, from request to answer", ["command", "code"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
         self.event_to_kernel = registry.histogram(
             "np_agent_event_to_kernel_seconds", "from a watch event's arrival to the end of "
             "the transaction that enforces it",
