@@ -119,6 +119,9 @@ class RealCluster:
         for pod in self.agent_pods():
             out.append(f"--- logs {pod}\n" + self.kubectl(
                 "-n", "np-nft", "logs", pod, "--tail", "40", check=False))
+        out.append("--- uninstall pods\n" + self.kubectl(
+            "-n", "kube-system", "logs", "-l", "app.kubernetes.io/component=uninstall",
+            "--all-containers", "--tail", "20", check=False))
         return "\n".join(out)
 
     def agent_pods(self, node: str | None = None) -> list[str]:
@@ -241,7 +244,8 @@ def build_images(tmp: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[RealCluster]:
     if os.geteuid() != 0:
         pytest.fail("real-node tests need root")
     tmp = tmp_path_factory.mktemp("realnode")
@@ -266,7 +270,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
         print("real-node figures:", json.dumps(FIGURES, indent=2))
         leftovers = _run(["ip", "netns", "list"]).stdout
         mounts = Path("/proc/self/mounts").read_text()
-        shutil.rmtree(state, ignore_errors=True)
+        if request.session.testsfailed:
+            print(f"logs of the failed run kept in {state / 'logs'}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
         assert "nprn" not in leftovers, leftovers
         assert str(state) not in mounts
 

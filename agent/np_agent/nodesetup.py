@@ -18,6 +18,7 @@ directory, the state directory. It is idempotent and says what it removed or lef
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -169,7 +170,13 @@ def _remove_dir(directory: Path, entries: tuple[str, ...]) -> list[str]:
     others = sorted(p.name for p in directory.iterdir())
     if others:
         return done + [f"left {directory}: holds {', '.join(others)}, not np-nft's"]
-    directory.rmdir()
+    try:
+        directory.rmdir()
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        # uninstall.yaml mounts it as a volume: emptied is all a container can do
+        return done + [f"emptied {directory} (a mount point here: the folder stays)"]
     return done + [f"removed {directory}"]
 
 
