@@ -1,7 +1,7 @@
 """The cluster state the benchmarks measure: 1,000 policies on one server pod, 5,000 peers.
 
 Shared by ``bench_packets`` (packet path) and ``bench_program`` (programming time) so both
-measure the same ruleset. The state is built directly as np_agent.model objects: parsing
+measure the same ruleset. The state is built directly as np_agent.policy.model objects: parsing
 thousands of YAML documents would only measure PyYAML.
 
 Shape, chosen to look like a busy namespace rather than a best case for the compiler:
@@ -32,7 +32,7 @@ import sys
 from dataclasses import replace
 from types import MappingProxyType
 
-from np_agent.model import (
+from np_agent.policy.model import (
     EGRESS,
     INGRESS,
     ClusterState,

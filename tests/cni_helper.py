@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from np_agent import layout
-from np_agent.lab import Lab
+from np_agent.ruleset import TABLE
 from np_cni.link import host_ifname
+from np_lab import Lab
 
 REF_PLUGINS = Path("/usr/lib/cni")
 NP_CNI = Path(sys.executable).parent / "np-cni"
@@ -144,7 +144,7 @@ class Node:
 
     def nft(self) -> str:
         return self.lab.run(self.lab.node_ns, ["nft", "list", "table", "inet",
-                                               layout.TABLE]).stdout
+                                               TABLE]).stdout
 
     def host_links(self) -> list[str]:
         out = self.lab.run(self.lab.node_ns, ["ip", "-o", "link", "show"]).stdout

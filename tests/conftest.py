@@ -14,8 +14,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # oracle.py, helpers
 
-from np_agent.manifests import LoadResult, add_object  # noqa: E402
-from np_agent.model import ClusterState  # noqa: E402
+from np_agent.policy.manifests import LoadResult, add_object  # noqa: E402
+from np_agent.policy.model import ClusterState  # noqa: E402
 
 
 def eventually(fn: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01,

@@ -21,22 +21,23 @@ import logging
 import socket
 import sys
 
-from np_agent import conntrack
-from np_agent.compiler import compile_state
-from np_agent.manifests import load_manifests
+from np_agent.nft import layout
+from np_agent.nft.verdict import Matcher
+from np_agent.node import conntrack
+from np_agent.policy.compiler import compile_state
+from np_agent.policy.manifests import load_manifests
 from np_agent.ruleset import Ruleset
-from np_agent.verdict import Matcher
 
 
 def _ruleset(directory: str) -> Ruleset:
     result = load_manifests([directory])
     if result.errors:
         raise SystemExit(f"bad manifests: {result.errors}")
-    return compile_state(result.state).ruleset
+    return layout.ruleset(compile_state(result.state).elements)
 
 
 def apply(directory: str) -> dict:
-    from np_agent.dataplane import Dataplane
+    from np_agent.nft.dataplane import Dataplane
 
     Dataplane().reconcile(_ruleset(directory))
     return {"ok": True}

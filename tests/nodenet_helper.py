@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from np_agent.nodenet import RouteManager
+from np_agent.node.nodenet import RouteManager
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Two independent ways to answer "is this packet allowed?", for property tests.
 
-``evaluate`` (np_agent.reference) reads the NetworkPolicy objects directly, following the API
+``evaluate`` (np_lab.reference) reads the NetworkPolicy objects directly, following the API
 reference word by word, with no intervals, boxes or sets. ``lookup`` walks a compiled Ruleset
 the way the kernel's chains do. The compiler is right when both agree on every flow.
 """
@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 
-from np_agent import layout
-from np_agent.reference import evaluate  # noqa: F401 - the oracle's other half, re-exported
-from np_agent.ruleset import PROTO_NUMBERS, Ruleset
+from np_agent.ruleset import (
+    PROTO_NUMBERS,
+    Ruleset,
+    allow_all_set,
+    allow_ranges_set,
+    allow_set,
+    isolated_set,
+)
+from np_lab.reference import evaluate  # noqa: F401 - the oracle's other half, re-exported
 
 
 def _contains(key, probe) -> bool:
@@ -34,14 +40,14 @@ def lookup(rs: Ruleset, src: str, dst: str, proto: str, port: int) -> bool:
     v = s.version
     proto_num = PROTO_NUMBERS.get(proto.lower(), 1)
     for direction, me, peer in (("egress", int(s), int(d)), ("ingress", int(d), int(s))):
-        if not _in_set(rs, layout.isolated_set(direction, v), (me,)):
+        if not _in_set(rs, isolated_set(direction, v), (me,)):
             continue
         if proto_num in (6, 17, 132) and any(
                 _in_set(rs, name, (peer, me, proto_num, port))
-                for name in (layout.allow_set(direction, v),
-                             layout.allow_ranges_set(direction, v))):
+                for name in (allow_set(direction, v),
+                             allow_ranges_set(direction, v))):
             continue
-        if _in_set(rs, layout.allow_all_set(direction, v), (peer, me)):
+        if _in_set(rs, allow_all_set(direction, v), (peer, me)):
             continue
         return False
     return True

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from conftest import eventually as _eventually
-from np_agent.lab.cluster import ClusterLab, ClusterPod
+from np_lab.cluster import ClusterLab, ClusterPod
 
 pytestmark = pytest.mark.kernel
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from cni_helper import DENY_X, NET, NP_CNI, REF_PLUGINS, Node, ips_of
-from np_agent.lab import Lab
 from np_cni.link import host_ifname
+from np_lab import Lab
 
 pytestmark = pytest.mark.kernel
 

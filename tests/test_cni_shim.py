@@ -30,14 +30,14 @@ import pytest
 
 from cni_helper import REF_PLUGINS, Node, ips_of
 from conftest import ROOT, eventually
-from np_agent.cniserver import _is_netns, _read_until, _receive_start
-from np_agent.endpoints import EndpointStore
-from np_agent.lab import Lab
-from np_agent.node import NodeAgent
-from np_agent.pending import PendingDels
-from np_agent.shimproto import MAGIC, MAX_REQUEST, ShimRequest, encode_request, parse_request
+from np_agent.node.cniserver import _is_netns, _read_until, _receive_start
+from np_agent.node.engine import NodeAgent
+from np_agent.node.pending import PendingDels
 from np_cni.link import host_ifname
+from np_cni.shared.endpoints import EndpointStore
+from np_cni.shared.shimproto import MAGIC, MAX_REQUEST, ShimRequest, encode_request, parse_request
 from np_cni.spec import SUPPORTED_VERSIONS
+from np_lab import Lab
 
 SOURCE = ROOT / "cni" / "shim" / "np-cni-shim.c"
 NP_AGENT = [sys.executable, "-m", "np_agent.cli"]
@@ -600,7 +600,7 @@ def test_bad_requests_do_not_crash_the_agent(node: Node, shim: Path) -> None:
 
 @pytest.mark.kernel
 def test_uninstall_node_removes_np_nft_and_nothing_else(shim: Path, tmp_path: Path) -> None:
-    from np_agent.nodenet import NodeInfo, conflist_for, write_conflist
+    from np_agent.node.nodenet import NodeInfo, conflist_for, write_conflist
 
     conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
     run_dir, state = tmp_path / "run-np-nft", tmp_path / "state-np-nft"
@@ -652,7 +652,7 @@ def test_uninstall_node_removes_np_nft_and_nothing_else(shim: Path, tmp_path: Pa
 
 @pytest.mark.kernel
 def test_add_reads_a_pod_the_watch_has_not_delivered(shim: Path) -> None:
-    from np_agent.lab.cluster import ClusterLab
+    from np_lab.cluster import ClusterLab
 
     if os.geteuid() != 0:
         pytest.fail("kernel tests need root: they build network namespaces")

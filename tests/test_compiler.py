@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, load_yaml, pod_ip, upstream_model_yaml
-from np_agent import layout
-from np_agent.compiler import compile_state
-from np_agent.manifests import load_manifests
-from np_agent.model import ClusterState
+from np_agent.nft import layout
+from np_agent.policy.compiler import compile_state
+from np_agent.policy.manifests import load_manifests
+from np_agent.policy.model import ClusterState
+from np_agent.ruleset import allow_ranges_set, isolated_set, pod_ifaces_set
 from oracle import evaluate, lookup
 
 PODS = [(ns, p) for ns in "xyz" for p in "abc"]
@@ -31,7 +32,7 @@ def with_policies(*policies: str, base: str | None = None) -> ClusterState:
 def reach(state: ClusterState, proto: str = "TCP", port: int = 80, version: int = 4,
           node: str | None = None) -> set[tuple[str, str]]:
     """The allowed (from, to) pairs among the 9 pods, as 'x/a' strings."""
-    rs = compile_state(state, node).ruleset
+    rs = layout.ruleset(compile_state(state, node).elements)
     out = set()
     for (sn, sp), (dn, dp) in itertools.product(PODS, PODS):
         if (sn, sp) == (dn, dp):
@@ -63,7 +64,7 @@ spec:
 
 def test_no_policy_everything_open(upstream):
     assert reach(upstream) == ALL
-    assert not compile_state(upstream).ruleset.element_count()
+    assert not compile_state(upstream).element_count()
 
 
 def test_deny_all_ingress_in_namespace(upstream):
@@ -190,7 +191,7 @@ def test_ports_protocols_and_default_tcp():
 def test_end_port_range():
     state = with_policies(policy("p", "x", """  podSelector: {matchLabels: {pod: a}}
   ingress: [{ports: [{port: 3000, endPort: 3500}]}]"""))
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     a, b = pod_ip("x", "a"), pod_ip("x", "b")
     assert [lookup(rs, b, a, "TCP", p) for p in (2999, 3000, 3250, 3500, 3501)] == [
         False, True, True, True, False]
@@ -199,7 +200,7 @@ def test_end_port_range():
 def test_protocol_without_port_allows_every_port():
     state = with_policies(policy("p", "x", """  podSelector: {matchLabels: {pod: a}}
   ingress: [{ports: [{protocol: UDP}]}]"""))
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     a, b = pod_ip("x", "a"), pod_ip("x", "b")
     assert lookup(rs, b, a, "UDP", 1) and lookup(rs, b, a, "UDP", 65535)
     assert not lookup(rs, b, a, "TCP", 80)
@@ -215,7 +216,7 @@ spec: {containers: [{name: c, ports: [{name: serve-80-tcp, containerPort: 8080}]
 status: {phase: Running, podIPs: [{ip: 10.244.1.1}]}"""
     state = with_policies(policy("p", "x", """  podSelector: {}
   ingress: [{ports: [{port: serve-80-tcp}]}]"""), base=base)
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     b = pod_ip("x", "b")
     assert lookup(rs, b, pod_ip("x", "a"), "TCP", 80)
     assert not lookup(rs, b, pod_ip("x", "a"), "TCP", 8080)
@@ -249,7 +250,7 @@ status: {phase: Running, podIPs: [{ip: 10.244.1.1}]}"""
     ports: [{port: serve-80-tcp}]
   - to: [{ipBlock: {cidr: 10.244.0.16/28}}]
     ports: [{port: serve-81-tcp}]"""), base=base)
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     a = pod_ip("x", "a")
     assert lookup(rs, a, pod_ip("y", "b"), "TCP", 80)
     assert not lookup(rs, a, pod_ip("y", "b"), "TCP", 9090)
@@ -266,7 +267,7 @@ def test_named_port_egress_without_to_reaches_every_pod_with_that_name():
   egress: [{ports: [{port: serve-81-udp, protocol: UDP}]}]"""))
     assert {d for s, d in reach(state, "UDP", 81) if s == "x/a"} == (
         {f"{n}/{p}" for n, p in PODS} - {"x/a"})
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     assert not lookup(rs, pod_ip("x", "a"), "192.0.2.1", "UDP", 81)
 
 
@@ -280,7 +281,7 @@ def test_ipblock_with_except_and_pod_ips():
     into_a = {s for s, d in reach(state) if d == "x/a"}
     # .12-.15 and .18 are excluded: x/c (12), y/a..y/c (13-15), z/c (18)
     assert into_a == {"x/b", "z/a", "z/b"}
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     assert lookup(rs, "10.244.0.200", pod_ip("x", "a"), "TCP", 1)
     assert not lookup(rs, "10.244.1.1", pod_ip("x", "a"), "TCP", 1)
 
@@ -290,7 +291,7 @@ def test_ipblock_ipv6_with_except():
   ingress:
   - from: [{ipBlock: {cidr: "fd00::/112", except: ["fd00::10/124"]}}]
     ports: [{port: 80}]"""))
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     a6 = pod_ip("x", "a", 6)
     assert lookup(rs, pod_ip("x", "b", 6), a6, "TCP", 80)  # fd00::b: in the block
     assert not lookup(rs, pod_ip("z", "a", 6), a6, "TCP", 80)  # fd00::10: in the except
@@ -329,9 +330,9 @@ def test_overlapping_rules_become_disjoint_elements_with_all_refs():
   ingress: [{from: [{ipBlock: {cidr: 10.244.0.0/16}}], ports: [{port: 80, endPort: 90}]}]"""),
         policy("narrow", "x", """  podSelector: {matchLabels: {pod: a}}
   ingress: [{from: [{podSelector: {}}], ports: [{port: 85, endPort: 100}]}]"""))
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     _assert_disjoint(rs)
-    comments = set(rs.elements[layout.allow_ranges_set("ingress", 4)].values())
+    comments = set(rs.elements[allow_ranges_set("ingress", 4)].values())
     assert any("x/narrow ingress[0]" in c and "x/wide ingress[0]" in c for c in comments)
     assert lookup(rs, pod_ip("x", "b"), pod_ip("x", "a"), "TCP", 95)
     assert not lookup(rs, "10.244.9.9", pod_ip("x", "a"), "TCP", 95)
@@ -340,8 +341,8 @@ def test_overlapping_rules_become_disjoint_elements_with_all_refs():
 
 def test_isolation_comment_names_pod_and_policies():
     state = with_policies(policy("deny", "x", "  podSelector: {}\n  ingress: []"))
-    rs = compile_state(state).ruleset
-    comments = rs.elements[layout.isolated_set("ingress", 4)]
+    rs = layout.ruleset(compile_state(state).elements)
+    comments = rs.elements[isolated_set("ingress", 4)]
     assert sorted(comments.values()) == ["x/a by x/deny", "x/b by x/deny", "x/c by x/deny"]
 
 
@@ -363,8 +364,8 @@ metadata: {name: done, namespace: x, labels: {pod: b}}
 status: {phase: Succeeded, podIPs: [{ip: 10.244.3.3}]}"""
     state = with_policies(policy("p", "x", """  podSelector: {}
   ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}]}]"""), base=base)
-    rs = compile_state(state).ruleset
-    isolated = rs.elements[layout.isolated_set("ingress", 4)]
+    rs = layout.ruleset(compile_state(state).elements)
+    isolated = rs.elements[isolated_set("ingress", 4)]
     assert ((int_ip("10.0.0.5"),) * 1 and all(k[0][0] != int_ip("10.0.0.5") for k in isolated))
     assert all(k[0][0] != int_ip("10.244.3.3") for k in isolated)
     assert not lookup(rs, "10.0.0.5", pod_ip("x", "b"), "TCP", 80)  # hostNetwork is no peer
@@ -384,8 +385,8 @@ def test_remote_pods_are_peers_but_not_isolated_here():
     compiled = compile_state(state, "node-1")
     local = {r.pod.ref for r in compiled.pods}
     assert local == {"x/a", "x/c", "y/b", "z/a", "z/c"}  # every other pod is on node-1
-    rs = compiled.ruleset
-    isolated = {k[0][0] for k in rs.elements[layout.isolated_set("ingress", 4)]}
+    rs = layout.ruleset(compiled.elements)
+    isolated = {k[0][0] for k in rs.elements[isolated_set("ingress", 4)]}
     assert int_ip(pod_ip("x", "b")) not in isolated  # x/b lives on node-2
     # y/b (local) admits x/b (remote) as a peer.
     assert lookup(rs, pod_ip("x", "b"), pod_ip("y", "b"), "TCP", 80)
@@ -456,7 +457,7 @@ def _example(name: str) -> ClusterState:
 
 
 def _agree(state: ClusterState, flows) -> None:
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     _assert_disjoint(rs)
     for src, dst, proto, port, want in flows:
         assert lookup(rs, src, dst, proto, port) == want, (src, dst, proto, port)
@@ -563,7 +564,7 @@ def test_all_shared_example_files_parse():
 
 
 def test_endpoints_give_local_pods_their_ips_and_unknown_pods_stay_denied():
-    from np_agent.endpoints import Endpoint
+    from np_cni.shared.endpoints import Endpoint
 
     base = upstream_model_yaml() + """
 ---
@@ -577,7 +578,7 @@ spec: {nodeName: node-1}"""
            Endpoint("c2", "eth0", "x", "gone", "u-gone", "np0123456789b", ("10.244.9.2",)),
            Endpoint("c3", "eth0", "x", "new", "u-old", "np0123456789c", ("10.244.9.3",))]
     compiled = compile_state(state, "node-2", eps)  # no upstream pod is on node-2
-    rs = compiled.ruleset
+    rs = layout.ruleset(compiled.elements)
     assert [r.pod.ref for r in compiled.pods] == ["x/new"]
     assert compiled.pods[0].pod.ips == (ipaddress.ip_address("10.244.9.1"),)
     assert not lookup(rs, pod_ip("x", "b"), "10.244.9.1", "TCP", 80)  # isolated by x/deny
@@ -585,6 +586,6 @@ spec: {nodeName: node-1}"""
         assert not lookup(rs, pod_ip("x", "b"), ghost, "TCP", 80)
         assert not lookup(rs, ghost, pod_ip("x", "b"), "TCP", 80)
     assert any("x/gone" in w for w in compiled.warnings)
-    ifaces = rs.elements[layout.pod_ifaces_set(4)]
+    ifaces = rs.elements[pod_ifaces_set(4)]
     assert ifaces[("np0123456789a", (int_ip("10.244.9.1"),) * 2)] == "x/new"
     assert len(ifaces) == 3

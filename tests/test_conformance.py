@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from np_agent.lab.conformance import (
+from np_lab.conformance import (
     ALL_CHECKS,
     MODEL_PODS,
     TCP80,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from np_agent import conntrack
-from np_agent.lab import Lab
+from np_agent.node import conntrack
+from np_lab import Lab
 
 kernel = pytest.mark.kernel
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 from conftest import ROOT
-from np_agent import kube
 from np_agent.cli import build_parser
+from np_agent.node import kube
 
 DAEMONSET = ROOT / "daemonset"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import copy
 
 from conftest import load_yaml, upstream_model_yaml
-from np_agent import layout
-from np_agent.compiler import compile_state
-from np_agent.dataplane import (
+from np_agent.nft import layout
+from np_agent.nft.dataplane import (
     KernelChain,
     KernelSet,
     expected_table,
@@ -15,7 +14,8 @@ from np_agent.dataplane import (
     plan,
     render_key,
 )
-from np_agent.ruleset import SetSpec
+from np_agent.policy.compiler import compile_state
+from np_agent.ruleset import SetSpec, isolated_set
 from test_compiler import policy
 
 CONCAT = SetSpec("s", ("ipv4_addr", "ipv4_addr", "inet_proto", "inet_service"), interval=True)
@@ -43,7 +43,7 @@ def test_render_and_parse_keys_round_trip():
 def _desired():
     result = load_yaml(upstream_model_yaml(), policy("p", "x", """  podSelector: {}
   ingress: [{from: [{podSelector: {}}], ports: [{port: 80}]}]"""))
-    return compile_state(result.state).ruleset
+    return layout.ruleset(compile_state(result.state).elements)
 
 
 def test_first_apply_builds_everything_in_one_batch():
@@ -63,7 +63,7 @@ def test_steady_state_is_a_no_op_and_changes_touch_only_elements():
     assert (p.added, p.removed, p.rewritten_chains, p.rebuild) == (0, 0, [], False)
 
     changed = copy.deepcopy(desired)
-    iso = layout.isolated_set("ingress", 4)
+    iso = isolated_set("ingress", 4)
     gone = next(iter(changed.elements[iso]))
     del changed.elements[iso][gone]
     p = plan(changed, kernel)
@@ -75,7 +75,7 @@ def test_steady_state_is_a_no_op_and_changes_touch_only_elements():
 def test_comment_change_replaces_element():
     desired = _desired()
     kernel = expected_table(desired)
-    iso = layout.isolated_set("ingress", 4)
+    iso = isolated_set("ingress", 4)
     key = next(iter(kernel.sets[iso].elements))
     kernel.sets[iso].elements[key] = "stale comment"
     p = plan(desired, kernel)
@@ -96,7 +96,7 @@ def test_edited_chain_is_rewritten_not_deleted():
 def test_incompatible_set_forces_rebuild_inside_the_same_batch():
     desired = _desired()
     kernel = expected_table(desired)
-    kernel.sets[layout.isolated_set("ingress", 4)].key_type = ("ipv6_addr",)
+    kernel.sets[isolated_set("ingress", 4)].key_type = ("ipv6_addr",)
     p = plan(desired, kernel)
     assert p.rebuild and p.commands[0] == {"delete": {"table": {"family": "inet",
                                                                  "name": "np-nft"}}}

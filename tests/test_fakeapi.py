@@ -19,7 +19,7 @@ from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
 from kubernetes.watch.watch import iter_resp_lines  # noqa: E402
 
-from np_agent.lab.fakeapi import FakeApiError, FakeApiServer  # noqa: E402
+from np_lab.fakeapi import FakeApiError, FakeApiServer  # noqa: E402
 
 
 def pod(name: str, ns: str = "default", node: str = "node-1", **labels: str) -> dict[str, Any]:

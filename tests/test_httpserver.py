@@ -1,4 +1,4 @@
-"""np_agent.httpserver: /healthz, /readyz, /metrics over a real socket on 127.0.0.1 (no root)."""
+"""np_agent.node.health: /healthz, /readyz, /metrics over a real socket on 127.0.0.1 (no root)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from np_agent.httpserver import (
+from np_agent.node.health import (
     CONTENT_TYPE,
     Counter,
     HealthServer,

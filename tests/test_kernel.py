@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from np_agent import layout
-from np_agent.lab import Lab
+from np_agent.nft import layout
+from np_agent.nft.render import rule_text
+from np_agent.ruleset import TABLE, isolated_set
+from np_lab import Lab
 
 pytestmark = pytest.mark.kernel
 
@@ -238,7 +240,7 @@ def test_ipv6_neighbour_discovery_for_isolated_pod(lab, apply):
 
 
 def _handles(lab: Lab) -> tuple[str, str]:
-    out = lab.run(lab.node_ns, ["nft", "-a", "list", "table", "inet", layout.TABLE]).stdout
+    out = lab.run(lab.node_ns, ["nft", "-a", "list", "table", "inet", TABLE]).stdout
     table = re.search(r"table inet np-nft \{ # handle (\d+)", out).group(1)
     forward = re.search(r"chain forward \{ # handle (\d+)", out).group(1)
     return table, forward
@@ -255,9 +257,9 @@ def test_changes_touch_only_elements_and_drift_is_repaired(lab, apply):
     assert {s for s, d in matrix(lab) if d == "xb"} == set()
 
     # Someone flushes our chains and deletes an element: the next apply restores both.
-    lab.run(lab.node_ns, ["nft", "flush", "table", "inet", layout.TABLE])
-    lab.run(lab.node_ns, ["nft", "delete", "element", "inet", layout.TABLE,
-                          layout.isolated_set("ingress", 4), "{", ip("xb"), "}"])
+    lab.run(lab.node_ns, ["nft", "flush", "table", "inet", TABLE])
+    lab.run(lab.node_ns, ["nft", "delete", "element", "inet", TABLE,
+                          isolated_set("ingress", 4), "{", ip("xb"), "}"])
     assert {s for s, d in matrix(lab) if d == "xb"} == {"xa", "xc", "ya"}  # open: drifted
     out = apply(policy("p", "x", "  podSelector: {matchLabels: {pod: b}}\n  ingress: []"))
     assert "chains written" in out and "1 element(s) added" in out
@@ -279,14 +281,14 @@ def test_other_tables_are_never_touched(lab, apply):
 def test_dump_rules_text_is_what_the_kernel_lists(lab, apply, tmp_path):
     apply(policy("p", "x", """  podSelector: {matchLabels: {pod: a}}
   ingress: [{from: [{podSelector: {}}], ports: [{protocol: SCTP, port: 80}, {port: 443}]}]"""))
-    raw = lab.run(lab.node_ns, ["nft", "list", "table", "inet", layout.TABLE]).stdout
+    raw = lab.run(lab.node_ns, ["nft", "list", "table", "inet", TABLE]).stdout
     kernel = re.sub(r" counter packets \d+ bytes \d+", "", raw)  # element counters
     kernel_rules = re.sub(r"counter packets \d+ bytes \d+", "counter", raw)
     dumped = np_agent(lab, "dump-rules", "--manifests", str(tmp_path)).stdout
     rules = [r for chain in layout.empty_ruleset().chains for r in chain.rules]
     assert len(rules) == 35
     for r in rules:  # every chain rule, in the same syntax the kernel lists
-        line = f'{r.text} comment "{r.comment}"'
+        line = f'{rule_text(r.expr)} comment "{r.comment}"'
         assert line in dumped
         assert line in kernel_rules, line
     # SCTP cannot be probed on this kernel: the rule is checked in the kernel's own listing.

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from np_agent.lab import Lab, LabError, LabPod
+from np_lab import Lab, LabError, LabPod
 
 pytestmark = pytest.mark.kernel
 

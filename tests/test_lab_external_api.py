@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import eventually
-from np_agent.lab.cluster import ClusterLab
-from np_agent.lab.fakeapi import FakeApiServer
+from np_lab.cluster import ClusterLab
+from np_lab.fakeapi import FakeApiServer
 
 pytestmark = pytest.mark.kernel
 

@@ -7,8 +7,8 @@ import ipaddress
 import pytest
 
 from conftest import load_yaml
-from np_agent.manifests import load_manifests
-from np_agent.model import (
+from np_agent.policy.manifests import load_manifests
+from np_agent.policy.model import (
     EGRESS,
     INGRESS,
     ContainerPort,

@@ -1,4 +1,4 @@
-"""np_agent.nodenet: Node parsing, the CNI conflist, routes to other nodes' pod CIDRs.
+"""np_agent.node.nodenet: Node parsing, the CNI conflist, routes to other nodes' pod CIDRs.
 
 Unit tests need no root. The kernel test builds two network namespaces joined by a veth
 ("node" 10.0.0.1/24 + fc00::1/64, "node-2" 10.0.0.2/24 + fc00::2/64) and runs RouteManager
@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from np_agent.lab import Lab
-from np_agent.nodenet import (
+from np_agent.node.nodenet import (
     ROUTE_PROTO,
     NodeInfo,
     conflist_for,
@@ -26,6 +25,7 @@ from np_agent.nodenet import (
     write_conflist,
 )
 from np_cni.spec import parse_conf
+from np_lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = Path(__file__).resolve().parent / "nodenet_helper.py"
@@ -271,7 +271,7 @@ def test_route_manager_in_netns() -> None:
 
 def test_pyroute2_not_imported_by_module() -> None:
     """The module stays importable where pyroute2 is absent (CLI tools, unit tests)."""
-    code = "import sys, np_agent.nodenet; print('pyroute2' in sys.modules)"
+    code = "import sys, np_agent.node.nodenet; print('pyroute2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "agent")})
     assert out.stdout.strip() == "False"

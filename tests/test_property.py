@@ -15,9 +15,9 @@ from types import MappingProxyType
 
 import pytest
 
-from np_agent.compiler import NodeCompiler, compile_state
-from np_agent.endpoints import Endpoint
-from np_agent.model import (
+from np_agent.nft import layout
+from np_agent.policy.compiler import NodeCompiler, compile_state
+from np_agent.policy.model import (
     EGRESS,
     INGRESS,
     ClusterState,
@@ -32,6 +32,7 @@ from np_agent.model import (
     Requirement,
     Rule,
 )
+from np_cni.shared.endpoints import Endpoint
 from oracle import evaluate, lookup
 from test_compiler import _assert_disjoint
 
@@ -126,7 +127,7 @@ def random_state(seed: int, n_pods: int = 14, n_policies: int = 8) -> ClusterSta
 @pytest.mark.parametrize("seed", range(60))
 def test_compiled_sets_agree_with_the_api_reference(seed):
     state = random_state(seed)
-    rs = compile_state(state).ruleset
+    rs = layout.ruleset(compile_state(state).elements)
     _assert_disjoint(rs)
     rng = random.Random(seed)
     addrs = [str(ip) for pod in state.pods.values() for ip in pod.ips]
@@ -201,7 +202,7 @@ def test_incremental_updates_equal_a_fresh_compile(seed):
             for key, comment in items.items():
                 assert key not in kernel.setdefault(name, {})
                 kernel[name][key] = comment
-        fresh = compile_state(nc.state, None, nc.endpoints.values()).ruleset.elements
+        fresh = compile_state(nc.state, None, nc.endpoints.values()).elements
         got = {n: dict(v) for n, v in nc.elements.items() if v}
         assert got == fresh, (seed, step)
         assert {n: v for n, v in kernel.items() if v} == fresh, (seed, step)

@@ -8,7 +8,7 @@ server and prober); both are imported into the nodes' containerd. Then, with kub
 daemonset/install.yaml (checked by the real API server with --dry-run=server first) turns the
 nodes Ready through np-nft's conflist; the upstream e2e model (namespaces x, y, z; pods a, b, c;
 TCP and UDP 80/81; pods on both nodes) and the aks-demo scenario give, for every case, the
-reachability matrix that np_agent.reference (an independent reading of the API reference)
+reachability matrix that np_lab.reference (an independent reading of the API reference)
 computes from the live API objects, measured with real connections; policy changes reach the
 kernel within a measured latency; a deleted pod's IP is released; deleting the agent pod and a
 rolling update of the DaemonSet never let a denied connection through; daemonset/uninstall.yaml
@@ -41,8 +41,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from np_agent.manifests import LoadResult, add_object
-from np_agent.reference import evaluate
+from np_agent.policy.manifests import LoadResult, add_object
+from np_lab.reference import evaluate
 
 K8S_BIN = os.environ.get("NP_NFT_K8S_BIN", "")
 HOW_TO = ("real-node tests need a folder of Kubernetes binaries (kube-apiserver, "
@@ -473,7 +473,7 @@ CASES: dict[str, list[str]] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_policy_matrix(cluster: RealCluster, case: str) -> None:
     """Policies applied with kubectl give, on every port and protocol, the matrix the API
-    reference gives (np_agent.reference on the live objects), with real connections."""
+    reference gives (np_lab.reference on the live objects), with real connections."""
     if not cluster.pods:
         pytest.fail("the model pods did not start (see test_model_pods_start...)")
     try:

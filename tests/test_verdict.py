@@ -14,10 +14,17 @@ import random
 
 import pytest
 
-from np_agent import layout
-from np_agent.compiler import compile_state
-from np_agent.ruleset import PROTO_NUMBERS, Ruleset
-from np_agent.verdict import Matcher
+from np_agent.nft import layout
+from np_agent.nft.verdict import Matcher
+from np_agent.policy.compiler import compile_state
+from np_agent.ruleset import (
+    PROTO_NUMBERS,
+    Ruleset,
+    allow_all_set,
+    allow_ranges_set,
+    allow_set,
+    isolated_set,
+)
 from oracle import lookup
 from test_property import random_state
 
@@ -65,13 +72,13 @@ def _check_flows(rs: Ruleset, rng: random.Random, flows: int) -> None:
 
 @pytest.mark.parametrize("seed", range(60))
 def test_matcher_agrees_with_the_chain_walk(seed):
-    rs = compile_state(random_state(seed)).ruleset
+    rs = layout.ruleset(compile_state(random_state(seed)).elements)
     _check_flows(rs, random.Random(seed), 300)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_matcher_agrees_on_large_clusters(seed):
-    rs = compile_state(random_state(1000 + seed, n_pods=60, n_policies=40)).ruleset
+    rs = layout.ruleset(compile_state(random_state(1000 + seed, n_pods=60, n_policies=40)).elements)
     _check_flows(rs, random.Random(seed), 1000)
 
 
@@ -85,10 +92,10 @@ def test_elements_whose_pod_field_is_a_range_still_count():
     too; the matcher must not silently ignore such an element."""
     rs = layout.empty_ruleset()
     pods = (int(ipaddress.ip_address("10.0.0.0")), int(ipaddress.ip_address("10.0.0.255")))
-    rs.add_element(layout.isolated_set("ingress", 4), (_ip("10.0.0.5"),), "")
-    rs.add_element(layout.allow_ranges_set("ingress", 4),
+    rs.add_element(isolated_set("ingress", 4), (_ip("10.0.0.5"),), "")
+    rs.add_element(allow_ranges_set("ingress", 4),
                    (_ip("10.1.0.1"), pods, 6, (80, 90)), "")
-    rs.add_element(layout.allow_all_set("ingress", 4), (_ip("10.1.0.2"), pods), "")
+    rs.add_element(allow_all_set("ingress", 4), (_ip("10.1.0.2"), pods), "")
     m = Matcher(rs)
     assert m.allowed("10.1.0.1", "10.0.0.5", 4, 6, 85)
     assert not m.allowed("10.1.0.1", "10.0.0.5", 4, 17, 85)
@@ -104,8 +111,8 @@ def test_elements_whose_pod_field_is_a_range_still_count():
 def test_icmp_only_through_allow_all_and_neighbour_discovery_always():
     rs = layout.empty_ruleset()
     for version, pod, peer in ((4, "10.0.0.5", "10.0.0.6"), (6, "fd00::5", "fd00::6")):
-        rs.add_element(layout.isolated_set("ingress", version), (_ip(pod),), "")
-        rs.add_element(layout.allow_set("ingress", version), (_ip(peer), _ip(pod), 6, (0, 0)), "")
+        rs.add_element(isolated_set("ingress", version), (_ip(pod),), "")
+        rs.add_element(allow_set("ingress", version), (_ip(peer), _ip(pod), 6, (0, 0)), "")
     m = Matcher(rs)
     assert m.allowed("10.0.0.6", "10.0.0.5", 4, 6, 0)  # TCP to port 0 is a port like any other
     assert not m.allowed("10.0.0.6", "10.0.0.5", 4, 1, 0)  # ICMP needs allow-all

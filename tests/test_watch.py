@@ -20,12 +20,12 @@ import pytest
 from kubernetes import client  # noqa: E402
 
 from conftest import eventually
-from np_agent import kube  # noqa: E402
-from np_agent.dataplane import ApplyResult  # noqa: E402
-from np_agent.endpoints import EndpointStore  # noqa: E402
-from np_agent.kube import Backoff, Reflector, WatchOptions  # noqa: E402
-from np_agent.lab.fakeapi import FakeApiServer  # noqa: E402
-from np_agent.node import NodeAgent  # noqa: E402
+from np_agent.nft.dataplane import ApplyResult  # noqa: E402
+from np_agent.node import kube  # noqa: E402
+from np_agent.node.engine import NodeAgent  # noqa: E402
+from np_agent.node.kube import Backoff, Reflector, WatchOptions  # noqa: E402
+from np_cni.shared.endpoints import EndpointStore  # noqa: E402
+from np_lab.fakeapi import FakeApiServer  # noqa: E402
 
 
 def pod(name: str, ns: str = "x", ip: str = "10.1.0.1", node: str = "node-1",

@@ -7,11 +7,12 @@ import json
 import sys
 from typing import Any
 
-from .cniserver import DEFAULT_PLUGIN_DIR, DEFAULT_SOCKET
-from .compiler import compile_state
-from .endpoints import DEFAULT_DIR
-from .manifests import LoadResult, load_manifests
-from .pending import DEFAULT_DIR as DEFAULT_PENDING_DIR
+from np_agent.nft import layout
+from np_agent.node.cniserver import DEFAULT_PLUGIN_DIR, DEFAULT_SOCKET
+from np_agent.node.pending import DEFAULT_DIR as DEFAULT_PENDING_DIR
+from np_agent.policy.compiler import compile_state
+from np_agent.policy.manifests import LoadResult, load_manifests
+from np_cni.shared.endpoints import DEFAULT_DIR
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
 
@@ -24,7 +25,7 @@ def _load(args: argparse.Namespace) -> LoadResult:
 
 
 def cmd_dump_rules(args: argparse.Namespace) -> int:
-    from .dump import dump_json, dump_text
+    from np_agent.dump import dump_json, dump_text
 
     result = _load(args)
     compiled = compile_state(result.state, args.node_name)
@@ -37,15 +38,15 @@ def cmd_dump_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .dataplane import Dataplane
-    from .nft import NftError
+    from np_agent.nft.dataplane import Dataplane
+    from np_agent.nft.libnft import NftError
 
     result = _load(args)
     compiled = compile_state(result.state, args.node_name)
     for w in compiled.warnings:
         print(f"np-agent: warning: {w}", file=sys.stderr)
     try:
-        applied = Dataplane().reconcile(compiled.ruleset)
+        applied = Dataplane().reconcile(layout.ruleset(compiled.elements))
     except NftError as e:
         print(f"np-agent: error: the kernel refused the ruleset, nothing changed: {e}",
               file=sys.stderr)
@@ -62,7 +63,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import os
 
-    from .run import run
+    from np_agent.run import run
 
     args.node_name = args.node_name or os.environ.get("NODE_NAME")
     if not args.node_name:
@@ -73,18 +74,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from . import layout
-    from .dataplane import Dataplane
+    from np_agent.nft.dataplane import Dataplane
+    from np_agent.ruleset import FAMILY, TABLE
 
-    removed = Dataplane().remove(layout.FAMILY, layout.TABLE)
-    print(f"table {layout.FAMILY} {layout.TABLE} " + ("deleted" if removed else "not present"))
+    removed = Dataplane().remove(FAMILY, TABLE)
+    print(f"table {FAMILY} {TABLE} " + ("deleted" if removed else "not present"))
     return EXIT_OK
 
 
 def cmd_install_cni(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .nodesetup import SetupError, install_cni
+    from np_agent.node.nodesetup import SetupError, install_cni
 
     plugins = [p.strip() for p in args.plugins.split(",") if p.strip()]
     try:
@@ -100,7 +101,7 @@ def cmd_install_cni(args: argparse.Namespace) -> int:
 def cmd_uninstall_node(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .nodesetup import uninstall_node
+    from np_agent.node.nodesetup import uninstall_node
 
     print("\n".join(uninstall_node(Path(args.cni_conf_dir), Path(args.bin_dir),
                                    Path(args.run_dir), Path(args.state_dir))))
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _install_parsers(sub: Any) -> None:
-    from .nodesetup import DEFAULT_PLUGINS, DEFAULT_SHIM
+    from np_agent.node.nodesetup import DEFAULT_PLUGINS, DEFAULT_SHIM
 
     p = sub.add_parser("install-cni", help="install the np-cni shim on the host (init "
                                            "container)",

@@ -17,6 +17,7 @@ from typing import Any
 
 Field = int | str | tuple[int, int]
 Key = tuple[Field, ...]
+Elements = dict[str, dict[Key, str]]  # set name -> element key -> comment (who asked for it)
 
 # nftables data types used in set keys, and how a key field of that type is held.
 ADDRESS_TYPES = {"ipv4_addr": 4, "ipv6_addr": 6}
@@ -37,11 +38,10 @@ class SetSpec:
 
 @dataclass(frozen=True)
 class RuleSpec:
-    """One rule: its libnftables JSON expression list, the same rule in nft syntax for people
-    (checked against the kernel's own listing by a test), and a comment that says why."""
+    """One rule: its libnftables JSON expression list, written once (nft.render derives the
+    nft text people read from it), and a comment that says why."""
 
     expr: tuple[Any, ...]
-    text: str
     comment: str
 
 
@@ -64,10 +64,78 @@ class Ruleset:
     family: str
     sets: dict[str, SetSpec]
     chains: list[ChainSpec]
-    elements: dict[str, dict[Key, str]] = field(default_factory=dict)  # set -> key -> comment
+    elements: Elements = field(default_factory=dict)
 
     def add_element(self, set_name: str, key: Key, comment: str) -> None:
         self.elements.setdefault(set_name, {})[key] = comment
 
     def element_count(self) -> int:
         return sum(len(e) for e in self.elements.values())
+
+
+@dataclass
+class Delta:
+    """Element changes since the last compile (NodeCompiler.update): set -> key -> comment; the
+    dataplane sends exactly these when the kernel holds the previous state."""
+
+    added: dict[str, dict[Key, str]] = field(default_factory=dict)
+    removed: dict[str, dict[Key, str]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+    def count(self) -> tuple[int, int]:
+        return (sum(map(len, self.added.values())), sum(map(len, self.removed.values())))
+
+
+# ----------------------------------------------------------------- names
+# The one place where the table, its sets and their meaning are named: the compiler fills
+# these sets, nft.layout builds the chains that look them up, nft.verdict and the conntrack
+# cutter read them back.
+
+TABLE = "np-nft"
+FAMILY = "inet"
+DIRECTIONS = ("ingress", "egress")
+VERSIONS = (4, 6)
+
+
+def pod_ifaces_set(version: int) -> str:
+    """host veth . pod IP: the only source address a pod may use (anti-spoofing)."""
+    return f"pod-ifaces-v{version}"
+
+
+def isolated_set(direction: str, version: int) -> str:
+    return f"{direction}-isolated-v{version}"
+
+
+def allow_set(direction: str, version: int) -> str:
+    """peer . pod . protocol . port, one address and one port: a hash set, O(1) to update."""
+    return f"{direction}-allow-v{version}"
+
+
+def allow_ranges_set(direction: str, version: int) -> str:
+    """peer-range . pod . protocol . port-range (CIDRs, ipBlock minus except, endPort)."""
+    return f"{direction}-allow-ranges-v{version}"
+
+
+def allow_all_set(direction: str, version: int) -> str:
+    """peer . pod: rules without ports, which allow every protocol (ICMP included)."""
+    return f"{direction}-allow-all-v{version}"
+
+
+def direction_chain(direction: str, version: int) -> str:
+    """Where a new connection meets one pod's isolation and allowances, per direction."""
+    return f"{direction}-v{version}"
+
+
+def policy_chain(version: int) -> str:
+    return f"policy-v{version}"
+
+
+def antispoof_chain(version: int) -> str:
+    return f"antispoof-v{version}"
+
+
+ISOLATION_SETS = frozenset(isolated_set(d, v) for d in DIRECTIONS for v in VERSIONS)
+ALLOW_SETS = frozenset(f(d, v) for f in (allow_set, allow_ranges_set, allow_all_set)
+                       for d in DIRECTIONS for v in VERSIONS)

@@ -12,89 +12,17 @@ import logging
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from .cniserver import CniServer
-from .compiler import Delta
-from .endpoints import EndpointStore
-from .httpserver import HealthServer, Registry
-from .manifests import load_manifests
-from .node import NodeAgent
-from .nodenet import (
-    NodeInfo,
-    RouteManager,
-    conflist_for,
-    desired_routes,
-    parse_node,
-    write_conflist,
-)
-from .ruleset import Ruleset
+from np_agent.node.cniserver import CniServer
+from np_agent.node.conntrack import ConntrackCutter
+from np_agent.node.engine import NodeAgent, maintenance_loop
+from np_agent.node.health import HealthServer, Registry
+from np_agent.node.nodenet import NodeNetwork, RouteManager
+from np_cni.shared.endpoints import EndpointStore
 
 log = logging.getLogger("np_agent")
-
-
-class NodeNetwork:
-    """Watches Nodes: this node's conflist (from its podCIDRs) and routes to the others.
-
-    The conflist is written only once the agent is ready (:meth:`agent_ready`, after its
-    first successful sync): a runtime that finds it calls np-cni at once, and an ADD before
-    the agent can program pods would fail, or wait, for nothing.
-    """
-
-    def __init__(self, node_name: str, conf_dir: Path | None, routes: RouteManager | None,
-                 agent_socket: str, endpoints_dir: str, mtu: int) -> None:
-        self.node_name, self.conf_dir, self.routes = node_name, conf_dir, routes
-        self.agent_socket, self.endpoints_dir, self.mtu = agent_socket, endpoints_dir, mtu
-        self.nodes: dict[str, NodeInfo] = {}
-        self._lock = threading.Lock()
-        self._agent_ready = False
-
-    def agent_ready(self) -> None:
-        """The agent applied its first sync: the conflist may go in now."""
-        with self._lock:
-            self._agent_ready = True
-            self._apply()
-
-    def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
-        with self._lock:
-            self.nodes = {}
-            for raw in items:
-                self._put(raw)
-            self._apply()
-
-    def event(self, kind: str, type_: str, raw: dict[str, Any]) -> None:
-        with self._lock:
-            if type_ == "DELETED":
-                self.nodes.pop((raw.get("metadata") or {}).get("name", ""), None)
-            else:
-                self._put(raw)
-            self._apply()
-
-    def _put(self, raw: dict[str, Any]) -> None:
-        try:
-            info = parse_node(raw)
-        except ValueError as e:
-            log.error("invalid Node skipped: %s", e)
-            return
-        self.nodes[info.name] = info
-
-    def _apply(self) -> None:
-        local = self.nodes.get(self.node_name)
-        if local is None:
-            log.warning("Node %s not found: no conflist, no routes yet", self.node_name)
-            return
-        if self.conf_dir is not None and local.pod_cidrs and self._agent_ready:
-            conflist = conflist_for(local, agent_socket=self.agent_socket,
-                                    endpoints_dir=self.endpoints_dir, mtu=self.mtu)
-            if write_conflist(self.conf_dir, conflist):
-                log.info("wrote CNI config for pod CIDRs %s to %s", ",".join(local.pod_cidrs),
-                         self.conf_dir)
-        if self.routes is not None:
-            added, removed = self.routes.sync(desired_routes(local, self.nodes.values()))
-            if added or removed:
-                log.info("routes to other nodes: +%s -%s", added, removed)
 
 
 class Dispatch:
@@ -108,45 +36,6 @@ class Dispatch:
 
     def event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
         (self.nodes if kind == "nodes" else self.agent).event(kind, type_, obj)
-
-
-class ConntrackCutter:
-    """Cuts established flows that a change no longer allows, in its own thread.
-
-    A cut lists the conntrack table and needs a matcher over the whole ruleset; doing that in
-    the sync thread would delay the next change's enforcement. The sync thread only hands
-    over a snapshot of the elements (a dict copy, under a millisecond); bursts coalesce.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._latest: Ruleset | None = None
-        threading.Thread(target=self._run, name="conntrack", daemon=True).start()
-
-    def __call__(self, ruleset: Ruleset, delta: Delta) -> None:
-        lost = any(not name.startswith("pod-ifaces") for name in delta.removed) or any(
-            "isolated" in name for name in delta.added)
-        if not lost:
-            return
-        snapshot = Ruleset(ruleset.table, ruleset.family, ruleset.sets, ruleset.chains,
-                           {name: dict(items) for name, items in ruleset.elements.items()})
-        with self._cond:
-            self._latest = snapshot
-            self._cond.notify()
-
-    def _run(self) -> None:
-        from .conntrack import cut_disallowed
-        from .verdict import Matcher
-
-        while True:
-            with self._cond:
-                while self._latest is None:
-                    self._cond.wait()
-                ruleset, self._latest = self._latest, None
-            try:
-                cut_disallowed(Matcher(ruleset))
-            except Exception as e:  # noqa: BLE001 - never take the agent down
-                log.error("cutting connections that are no longer allowed failed: %s", e)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if args.manifests:
             reload.set()
         else:
-            from . import kube
+            from np_agent.node import kube
 
             routes = None if args.no_routes else RouteManager()
             nodes = NodeNetwork(args.node_name, None if args.no_cni_conf else
@@ -203,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                 r.start()
         log.info("running on node %s (cni socket %s, metrics on %s)", args.node_name,
                  args.cni_socket, f"{http.host}:{http.port}")
-        _loop(args, agent, cni, stop, reload, wake)
+        maintenance_loop(agent, cni, stop, reload, wake, args.resync_interval,
+                         args.manifests)
     finally:
         stop.set()
         cni.close()
@@ -213,21 +103,3 @@ def run(args: argparse.Namespace) -> int:
             routes.close()
         log.info("stopped; the rules stay in force in the kernel")
     return 0
-
-
-def _loop(args: argparse.Namespace, agent: NodeAgent, cni: CniServer, stop: threading.Event,
-          reload: threading.Event, wake: threading.Event) -> None:
-    next_check = time.monotonic() + args.resync_interval
-    while not stop.is_set():
-        if reload.is_set() and args.manifests:
-            reload.clear()
-            result = load_manifests(args.manifests)
-            for err in result.errors:
-                log.error("manifest skipped: %s", err)
-            agent.set_state(result.state)
-        wake.wait(max(0.0, next_check - time.monotonic()))
-        wake.clear()
-        if time.monotonic() >= next_check:
-            agent.request_sync(wait=False, verify=True)  # drift check against the kernel
-            cni.pending.replay()  # a DEL spooled while this agent was restarting
-            next_check = time.monotonic() + args.resync_interval

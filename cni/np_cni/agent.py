@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .spec import TRY_AGAIN_LATER, CniError
+from np_cni.spec import TRY_AGAIN_LATER, CniError
 
 AgentCall = Callable[[dict[str, Any], float], dict[str, Any]]
 

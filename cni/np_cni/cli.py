@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .agent import AgentCall
-from .spec import (
+from np_cni.agent import AgentCall
+from np_cni.spec import (
     SPEC_VERSION,
     SUPPORTED_VERSIONS,
     CniError,
@@ -82,7 +82,7 @@ def execute(environ: Mapping[str, str], stdin: bytes,
 
 def _command(env: Env, conf: NetConf, call: AgentCall | None) -> str:
     """Dispatch to plugin.py; only ADD prints a result."""
-    from . import plugin  # the commands import the agent's endpoint store
+    from np_cni import plugin  # the commands import the agent's endpoint store
 
     if env.command == "ADD":
         return _json(plugin.cmd_add(env, conf, call))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .spec import (
+from np_cni.spec import (
     INCOMPATIBLE_VERSION,
     INVALID_CONFIG,
     IO_FAILURE,

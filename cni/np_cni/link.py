@@ -19,9 +19,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from .spec import GATEWAY_V4, GATEWAY_V6, IO_FAILURE, UNKNOWN_CONTAINER, CniError
+from np_cni.spec import GATEWAY_V4, GATEWAY_V6, IO_FAILURE, UNKNOWN_CONTAINER, CniError
 
-HOST_PREFIX = "np"  # matches np_agent.layout.CNI_IFNAME_PREFIX: anti-spoofing keys on it
+HOST_PREFIX = "np"  # matches np_agent.nft.layout.CNI_IFNAME_PREFIX: anti-spoofing keys on it
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 

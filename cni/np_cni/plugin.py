@@ -4,7 +4,7 @@ ADD wires the pod in an order that never lets it be open when it should be close
 
 1. IPAM assigns the addresses (delegated plugin);
 2. the veth pair is created and the pod side configured, the host side still DOWN;
-3. the endpoint file is written (np_agent.endpoints), so the agent knows the pod's IPs;
+3. the endpoint file is written (np_cni.shared.endpoints), so the agent knows the pod's IPs;
 4. the agent is asked to program the pod and answers only once its policy (isolation, allow
    elements, anti-spoofing) is in the kernel; a pod whose Pod object the agent does not know
    yet is programmed as denied both ways;
@@ -21,11 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from np_agent.endpoints import Endpoint, EndpointError, EndpointStore, check_name
-
-from . import agent, ipam, link
-from .agent import AgentCall
-from .spec import (
+from np_cni import agent, ipam, link
+from np_cni.agent import AgentCall
+from np_cni.shared.endpoints import Endpoint, EndpointError, EndpointStore, check_name
+from np_cni.spec import (
     ALREADY_ATTACHED,
     CHECK_FAILED,
     INVALID_CONFIG,

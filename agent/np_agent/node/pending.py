@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .endpoints import check_name
-from .shimproto import MAX_REQUEST, FramingError, ShimRequest, parse_request
+from np_cni.shared.endpoints import check_name
+from np_cni.shared.shimproto import MAX_REQUEST, FramingError, ShimRequest, parse_request
 
 log = logging.getLogger("np_agent.pending")
 

@@ -15,7 +15,13 @@ from typing import Any
 
 import yaml
 
-from .model import PARSERS, ClusterState, ModelError, fail_closed_policy, parse_object
+from np_agent.policy.model import (
+    PARSERS,
+    ClusterState,
+    ModelError,
+    fail_closed_policy,
+    parse_object,
+)
 
 SUFFIXES = (".yaml", ".yml", ".json")
 

@@ -26,12 +26,21 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from . import layout
-from .endpoints import Endpoint
-from .intervals import Interval, Rect, Refs, disjoint_boxes, union
-from .model import EGRESS, INGRESS, ClusterState, Namespace, NetworkPolicy, Pod, Rule
-from .peers import Index, Target, egress_named, port_interval, resolve_peers
-from .ruleset import PROTO_NUMBERS, Key, Ruleset
+from np_agent.policy.intervals import Interval, Rect, Refs, disjoint_boxes, union
+from np_agent.policy.model import EGRESS, INGRESS, ClusterState, Namespace, NetworkPolicy, Pod, Rule
+from np_agent.policy.peers import Index, Target, egress_named, port_interval, resolve_peers
+from np_agent.ruleset import (
+    PROTO_NUMBERS,
+    Delta,
+    Elements,
+    Key,
+    allow_all_set,
+    allow_ranges_set,
+    allow_set,
+    isolated_set,
+    pod_ifaces_set,
+)
+from np_cni.shared.endpoints import Endpoint
 
 COMMENT_MAX = 127  # nft keeps at most 128 bytes of comment
 Element = tuple[str, Key]  # (set name, key)
@@ -49,23 +58,15 @@ class PodIsolation:
 
 @dataclass
 class Compiled:
-    ruleset: Ruleset
+    """What one node must enforce: the element of every set (nft.layout.ruleset() puts them
+    into the table), and per pod what isolates it and why (dump-rules)."""
+
+    elements: Elements
     pods: list[PodIsolation]
     warnings: list[str]
 
-
-@dataclass
-class Delta:
-    """Element changes since the last ``NodeCompiler.update``: set -> key -> comment."""
-
-    added: dict[str, dict[Key, str]] = field(default_factory=dict)
-    removed: dict[str, dict[Key, str]] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.removed)
-
-    def count(self) -> tuple[int, int]:
-        return (sum(map(len, self.added.values())), sum(map(len, self.removed.values())))
+    def element_count(self) -> int:
+        return sum(len(items) for items in self.elements.values())
 
 
 def comment_for(refs: Iterable[str], prefix: str = "") -> str:
@@ -135,8 +136,8 @@ def _rule_boxes(index: Index, pod: Pod, direction: str, rule: Rule,
 def contribution(index: Index, pod: Pod, direction: str, policy: NetworkPolicy) -> _Contribution:
     key = "ingress" if direction == INGRESS else "egress"
     mine = _my_addresses(pod)
-    exact_set = {v: layout.allow_set(key, v) for v in (4, 6)}
-    ranges_set = {v: layout.allow_ranges_set(key, v) for v in (4, 6)}
+    exact_set = {v: allow_set(key, v) for v in (4, 6)}
+    ranges_set = {v: allow_ranges_set(key, v) for v in (4, 6)}
     c = _Contribution()
     exact = c.exact
     for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
@@ -145,7 +146,7 @@ def contribution(index: Index, pod: Pod, direction: str, policy: NetworkPolicy) 
         if not rule.ports:
             for t in targets:
                 for me in mine.get(t.version, ()):
-                    c.any.setdefault((layout.allow_all_set(key, t.version), me), []).append(
+                    c.any.setdefault((allow_all_set(key, t.version), me), []).append(
                         (t.interval, refs))
             continue
         for version, proto, peer, span in _rule_boxes(index, pod, direction, rule, targets):
@@ -562,7 +563,7 @@ class NodeCompiler:
             for direction, key in DIRECTIONS:
                 policies = sorted(p for p, d in pairs if d == direction)
                 for ip in pod.ips if policies else ():
-                    iso[(layout.isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
+                    iso[(isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
                         comment_for(policies, f"{ref} by "))
         self._place((ref, ("iso",)), iso)
         for group in self._dirty_groups.pop(ref, set()):
@@ -598,13 +599,13 @@ class NodeCompiler:
         for ep in self.endpoints.values():
             for text in ep.ips:
                 ip = ipaddress.ip_address(text)
-                wanted[(layout.pod_ifaces_set(ip.version),
+                wanted[(pod_ifaces_set(ip.version),
                         (ep.host_if, (int(ip), int(ip))))] = ep.pod_ref
         for ep in self._pending():  # isolated both ways, nothing allowed: denied until known
             for text in ep.ips:
                 ip = ipaddress.ip_address(text)
                 for key in ("ingress", "egress"):
-                    wanted[(layout.isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
+                    wanted[(isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
                         f"{ep.pod_ref} (Pod not known yet)")
         self._place(("~endpoints",), wanted)
 
@@ -623,10 +624,9 @@ class NodeCompiler:
 
     # ---------------------------------------------------------------- outputs
 
-    def ruleset(self) -> Ruleset:
-        rs = layout.empty_ruleset()
-        rs.elements = {name: items for name, items in self.elements.items() if items}
-        return rs
+    def current_elements(self) -> Elements:
+        """The elements every set must hold now (the sets that hold some)."""
+        return {name: items for name, items in self.elements.items() if items}
 
     def report(self) -> list[PodIsolation]:
         out = []
@@ -647,7 +647,7 @@ class NodeCompiler:
         return out
 
     def compiled(self) -> Compiled:
-        return Compiled(self.ruleset(), self.report(), self.warnings())
+        return Compiled(self.current_elements(), self.report(), self.warnings())
 
 
 def compile_state(state: ClusterState, node_name: str | None = None,
@@ -664,13 +664,3 @@ def compile_state(state: ClusterState, node_name: str | None = None,
     nc.set_endpoints(endpoints)
     nc.update()
     return nc.compiled()
-
-
-def address_text(version: int, iv: Interval) -> str:
-    """An interval as a person writes it: an address, a CIDR, or a range."""
-    cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
-    lo, hi = cls(iv[0]), cls(iv[1])
-    if lo == hi:
-        return str(lo)
-    nets = list(ipaddress.summarize_address_range(lo, hi))
-    return str(nets[0]) if len(nets) == 1 else f"{lo}-{hi}"

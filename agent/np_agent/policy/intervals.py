@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .model import IPNetwork
+from np_agent.policy.model import IPNetwork
 
 Interval = tuple[int, int]  # inclusive [lo, hi]
 Refs = frozenset[str]

@@ -396,7 +396,7 @@ class Lab:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(AGENT_DIR), env.get("PYTHONPATH")) if p)
         argv = [
             "ip", "netns", "exec", netns,
-            sys.executable, "-m", "np_agent.lab.podd",
+            sys.executable, "-m", "np_lab.podd",
             "--control", str(sock_path),
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip

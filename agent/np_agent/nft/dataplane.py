@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .memory import release
-from .nft import Nft
-from .ruleset import (
+from np_agent.memory import release
+from np_agent.nft.libnft import Nft
+from np_agent.ruleset import (
     ADDRESS_TYPES,
     IFNAME_TYPE,
     PROTO_NAMES,

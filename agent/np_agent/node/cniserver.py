@@ -35,15 +35,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from np_agent.node.engine import NodeAgent
+from np_agent.node.pending import DEFAULT_DIR as DEFAULT_PENDING_DIR
+from np_agent.node.pending import PendingDels
 from np_cni.agent import direct_call
 from np_cni.cli import InProcess, execute
+from np_cni.shared.endpoints import EndpointError
+from np_cni.shared.shimproto import (
+    MAGIC,
+    MAX_REQUEST,
+    FramingError,
+    ShimRequest,
+    encode_answer,
+    parse_request,
+)
 from np_cni.spec import INVALID_ENVIRONMENT, CniError
-
-from .endpoints import EndpointError
-from .node import NodeAgent
-from .pending import DEFAULT_DIR as DEFAULT_PENDING_DIR
-from .pending import PendingDels
-from .shimproto import MAGIC, MAX_REQUEST, FramingError, ShimRequest, encode_answer, parse_request
 
 log = logging.getLogger("np_agent.cni")
 DEFAULT_SOCKET = "/run/np-nft/cni.sock"

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .nsenter import in_netns
+from np_lab.nsenter import in_netns
 
 PATHS = {  # kind -> (collection path, namespaced)
     "namespaces": ("/api/v1/namespaces", False),

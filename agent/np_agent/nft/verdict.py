@@ -26,8 +26,15 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from . import layout
-from .ruleset import Key, Ruleset
+from np_agent.ruleset import (
+    DIRECTIONS,
+    Key,
+    Ruleset,
+    allow_all_set,
+    allow_ranges_set,
+    allow_set,
+    isolated_set,
+)
 
 # ICMPv6 neighbour discovery (router/neighbour solicitation and advertisement): policy-v6
 # accepts these before any policy; mirrors layout._ND_TYPES.
@@ -138,26 +145,26 @@ class Matcher:
     def __init__(self, ruleset: Ruleset) -> None:
         self._dirs: dict[tuple[str, int], _Direction] = {}
         for version in (4, 6):
-            for direction in layout.DIRECTIONS:
+            for direction in DIRECTIONS:
                 self._dirs[(direction, version)] = self._index(ruleset, direction, version)
 
     @staticmethod
     def _index(ruleset: Ruleset, direction: str, version: int) -> _Direction:
         d = _Direction()
         elements = ruleset.elements
-        for key in elements.get(layout.isolated_set(direction, version), {}):
+        for key in elements.get(isolated_set(direction, version), {}):
             d.add_isolated(key)
-        d.exact_keys = elements.get(layout.allow_set(direction, version), {})
-        for key in elements.get(layout.allow_ranges_set(direction, version), {}):
+        d.exact_keys = elements.get(allow_set(direction, version), {})
+        for key in elements.get(allow_ranges_set(direction, version), {}):
             d.add_port_element(key)
-        for key in elements.get(layout.allow_all_set(direction, version), {}):
+        for key in elements.get(allow_all_set(direction, version), {}):
             d.add_allow_all(key)
         return d
 
     def isolated(self, addr: Address, version: int) -> bool:
         """Is this address isolated in either direction (a pod some policy selects)?"""
         a = _as_int(addr)
-        return any(self._dirs[(d, version)].is_isolated(a) for d in layout.DIRECTIONS)
+        return any(self._dirs[(d, version)].is_isolated(a) for d in DIRECTIONS)
 
     def allowed(self, src: Address, dst: Address, version: int, proto: int, dport: int, *,
                 icmp_type: int | None = None) -> bool:

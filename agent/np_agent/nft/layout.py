@@ -40,39 +40,27 @@ import hashlib
 import json
 from typing import Any
 
-from .ruleset import ChainSpec, Ruleset, RuleSpec, SetSpec
+from np_agent.ruleset import (
+    DIRECTIONS,
+    FAMILY,
+    TABLE,
+    ChainSpec,
+    Elements,
+    Ruleset,
+    RuleSpec,
+    SetSpec,
+    allow_all_set,
+    allow_ranges_set,
+    allow_set,
+    antispoof_chain,
+    direction_chain,
+    isolated_set,
+    pod_ifaces_set,
+    policy_chain,
+)
 
-TABLE = "np-nft"
-FAMILY = "inet"
-DIRECTIONS = ("ingress", "egress")
 FAMILIES = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
-
-
 CNI_IFNAME_PREFIX = "np"  # np-cni names every host-side veth np<hash>
-
-
-def pod_ifaces_set(version: int) -> str:
-    """host veth . pod IP: the only source address a pod may use (anti-spoofing)."""
-    return f"pod-ifaces-v{version}"
-
-
-def isolated_set(direction: str, version: int) -> str:
-    return f"{direction}-isolated-v{version}"
-
-
-def allow_set(direction: str, version: int) -> str:
-    """peer . pod . protocol . port, one address and one port: a hash set, O(1) to update."""
-    return f"{direction}-allow-v{version}"
-
-
-def allow_ranges_set(direction: str, version: int) -> str:
-    """peer-range . pod . protocol . port-range (CIDRs, ipBlock minus except, endPort)."""
-    return f"{direction}-allow-ranges-v{version}"
-
-
-def allow_all_set(direction: str, version: int) -> str:
-    """peer . pod: rules without ports, which allow every protocol (ICMP included)."""
-    return f"{direction}-allow-all-v{version}"
 
 
 # ----------------------------------------------------------------- JSON expression helpers
@@ -86,7 +74,7 @@ def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
     return {"match": {"op": op, "left": left, "right": right}}
 
 
-def _rule(expr: list[Any], text: str, why: str) -> RuleSpec:
+def _rule(expr: list[Any], why: str) -> RuleSpec:
     """A rule whose comment ends in a short digest of its expression.
 
     The kernel's JSON listing does not return expressions in the form we wrote them, but it
@@ -94,7 +82,7 @@ def _rule(expr: list[Any], text: str, why: str) -> RuleSpec:
     that someone else edited, or that an older np-nft version wrote differently.
     """
     digest = hashlib.sha256(json.dumps(expr, sort_keys=True).encode()).hexdigest()[:8]
-    return RuleSpec(tuple(expr), text, f"{why} [{digest}]")
+    return RuleSpec(tuple(expr), f"{why} [{digest}]")
 
 
 def _sets(version: int) -> list[SetSpec]:
@@ -118,21 +106,19 @@ def _direction_chain(direction: str, version: int) -> ChainSpec:
     iso = isolated_set(direction, version)
     ports_key = {"concat": [_payload(ip, peer), _payload(ip, pod), {"meta": {"key": "l4proto"}},
                             _payload("th", "dport")]}
-    ports_text = f"{ip} {peer} . {ip} {pod} . meta l4proto . th dport"
     any_key = {"concat": [_payload(ip, peer), _payload(ip, pod)]}
     rules = [_rule([_match(_payload(ip, pod), f"@{iso}", "!="), {"return": None}],
-                   f"{ip} {pod} != @{iso} return", f"pod not {direction}-isolated")]
+                   f"pod not {direction}-isolated")]
     for name, why in ((allow_set(direction, version), "one peer, one port"),
                       (allow_ranges_set(direction, version), "peer or port ranges")):
         rules.append(_rule([_match(ports_key, f"@{name}"), {"return": None}],
-                           f"{ports_text} @{name} return", f"{direction} allowed: {why}"))
+                           f"{direction} allowed: {why}"))
     allow_all = allow_all_set(direction, version)
     rules.append(_rule([_match(any_key, f"@{allow_all}"), {"return": None}],
-                       f"{ip} {peer} . {ip} {pod} @{allow_all} return",
                        f"{direction} allowed by a rule without ports"))
-    rules.append(_rule([{"counter": None}, {"drop": None}], "counter drop",
+    rules.append(_rule([{"counter": None}, {"drop": None}],
                        f"{direction}-isolated pod, no policy allows this"))
-    return ChainSpec(f"{direction}-v{version}", tuple(rules))
+    return ChainSpec(direction_chain(direction, version), tuple(rules))
 
 
 _ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]
@@ -144,12 +130,10 @@ def _policy_chain(version: int) -> ChainSpec:
     if version == 6:
         rules.append(_rule(
             [_match(_payload("icmpv6", "type"), {"set": _ND_TYPES}), {"accept": None}],
-            "icmpv6 type { " + ", ".join(_ND_TYPES) + " } accept",
             "IPv6 neighbour discovery is never policed"))
     for d in ("egress", "ingress"):
-        rules.append(_rule([{"jump": {"target": f"{d}-v{version}"}}], f"jump {d}-v{version}",
-                           f"{d} policy"))
-    return ChainSpec(f"policy-v{version}", tuple(rules))
+        rules.append(_rule([{"jump": {"target": direction_chain(d, version)}}], f"{d} policy"))
+    return ChainSpec(policy_chain(version), tuple(rules))
 
 
 def _antispoof_chain(version: int) -> ChainSpec:
@@ -159,25 +143,22 @@ def _antispoof_chain(version: int) -> ChainSpec:
     if version == 6:  # neighbour discovery uses link-local (and, during DAD, unspecified) sources
         rules.append(_rule([_match(_payload("ip6", "saddr"),
                                    {"prefix": {"addr": "fe80::", "len": 10}}), {"return": None}],
-                           "ip6 saddr fe80::/10 return", "link-local sources"))
+                           "link-local sources"))
         rules.append(_rule([_match(_payload("ip6", "saddr"), "::"), {"return": None}],
-                           "ip6 saddr :: return", "unspecified source (address detection)"))
+                           "unspecified source (address detection)"))
     rules.append(_rule([_match({"concat": [{"meta": {"key": "iifname"}}, _payload(ip, "saddr")]},
-                               f"@{ifaces}"), {"return": None}],
-                       f"iifname . {ip} saddr @{ifaces} return", "the pod's own address"))
-    rules.append(_rule([{"counter": None}, {"drop": None}], "counter drop",
+                               f"@{ifaces}"), {"return": None}], "the pod's own address"))
+    rules.append(_rule([{"counter": None}, {"drop": None}],
                        "source address is not the pod's own: spoofed"))
-    return ChainSpec(f"antispoof-v{version}", tuple(rules))
+    return ChainSpec(antispoof_chain(version), tuple(rules))
 
 
 def _prerouting_chain() -> ChainSpec:
     rules = (
         _rule([_match({"meta": {"key": "iifname"}}, f"{CNI_IFNAME_PREFIX}*"),
                {"vmap": {"key": {"meta": {"key": "nfproto"}},
-                         "data": {"set": [["ipv4", {"jump": {"target": "antispoof-v4"}}],
-                                          ["ipv6", {"jump": {"target": "antispoof-v6"}}]]}}}],
-              f'iifname "{CNI_IFNAME_PREFIX}*" meta nfproto vmap '
-              "{ ipv4 : jump antispoof-v4, ipv6 : jump antispoof-v6 }",
+                         "data": {"set": [["ipv4", {"jump": {"target": antispoof_chain(4)}}],
+                                          ["ipv6", {"jump": {"target": antispoof_chain(6)}}]]}}}],
               "packets from pods wired by np-cni"),
     )
     return ChainSpec("prerouting", rules, hook="prerouting", priority=-300, policy="accept")
@@ -186,21 +167,25 @@ def _prerouting_chain() -> ChainSpec:
 def _forward_chain() -> ChainSpec:
     rules = (
         _rule([_match({"ct": {"key": "state"}}, ["established", "related"], "in"),
-               {"accept": None}],
-              "ct state established,related accept", "replies of allowed connections"),
+               {"accept": None}], "replies of allowed connections"),
         _rule([_match({"ct": {"key": "state"}}, "new", "in"),
                _match({"&": [_payload("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn",
                       "!="), {"counter": None}, {"drop": None}],
-              "ct state new tcp flags != syn / fin,syn,rst,ack counter drop",
               "TCP picked up mid-stream (e.g. a connection whose entry policy cut) never "
               "restarts"),
         _rule([{"vmap": {"key": {"meta": {"key": "nfproto"}},
-                         "data": {"set": [["ipv4", {"jump": {"target": "policy-v4"}}],
-                                          ["ipv6", {"jump": {"target": "policy-v6"}}]]}}}],
-              "meta nfproto vmap { ipv4 : jump policy-v4, ipv6 : jump policy-v6 }",
+                         "data": {"set": [["ipv4", {"jump": {"target": policy_chain(4)}}],
+                                          ["ipv6", {"jump": {"target": policy_chain(6)}}]]}}}],
               "new connections: policy by address family"),
     )
     return ChainSpec("forward", rules, hook="forward", priority=0, policy="accept")
+
+
+def ruleset(elements: Elements | None = None) -> Ruleset:
+    """The table with these set elements (the compiler's output): what the dataplane applies."""
+    rs = empty_ruleset()
+    rs.elements = dict(elements or {})
+    return rs
 
 
 def empty_ruleset() -> Ruleset:

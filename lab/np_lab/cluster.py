@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fakeapi import FakeApiServer
-from .netns import NODE, Lab
+from np_lab.fakeapi import FakeApiServer
+from np_lab.netns import NODE, Lab
 
 NP_CNI = Path(sys.executable).parent / "np-cni"
 CNI_PATH = "/usr/lib/cni"
@@ -86,7 +86,7 @@ class ClusterLab:
                 self.api = FakeApiServer("10.0.0.1", netns=self.nodes[0].netns,
                                          bookmark_interval=1.0).start()
             else:
-                from .kubeapi import KubeApi
+                from np_lab.kubeapi import KubeApi
 
                 self.api = KubeApi(kubeconfig, self.nodes[0].netns, "10.0.0.1")
             self.kubeconfig = self.lab.workdir / "kubeconfig"

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .memory import release
+from np_agent.memory import release
 
 log = logging.getLogger("np_agent.kube")
 

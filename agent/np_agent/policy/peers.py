@@ -11,8 +11,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .intervals import Interval, network_interval, subtract
-from .model import (
+from np_agent.policy.intervals import Interval, network_interval, subtract
+from np_agent.policy.model import (
     LabelSelector,
     Namespace,
     NetworkPolicy,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from .model import EGRESS, INGRESS, ClusterState, NetworkPolicy, Peer, Pod, Rule
+from np_agent.policy.model import EGRESS, INGRESS, ClusterState, NetworkPolicy, Peer, Pod, Rule
 
 
 def _pod_by_ip(state: ClusterState, ip: ipaddress._BaseAddress) -> Pod | None:

@@ -29,11 +29,13 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from .verdict import Matcher
+from np_agent.nft.verdict import Matcher
+from np_agent.ruleset import ALLOW_SETS, ISOLATION_SETS, Delta, Ruleset
 
 log = logging.getLogger("np_agent.conntrack")
 
@@ -420,3 +422,39 @@ def cut_disallowed(matcher: Matcher, local_addresses: Iterable[str] | None = Non
             "%d already gone, in %.3f s", stats.checked, stats.local, stats.allowed,
             stats.deleted, stats.gone, time.monotonic() - started)
     return stats.deleted
+
+
+class ConntrackCutter:
+    """Cuts established flows that a change no longer allows, in its own thread.
+
+    A cut lists the conntrack table and needs a matcher over the whole ruleset; doing that in
+    the sync thread would delay the next change's enforcement. The sync thread only hands
+    over a snapshot of the elements (a dict copy, under a millisecond); bursts coalesce.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._latest: Ruleset | None = None
+        threading.Thread(target=self._run, name="conntrack", daemon=True).start()
+
+    def __call__(self, ruleset: Ruleset, delta: Delta) -> None:
+        lost = any(name in ALLOW_SETS for name in delta.removed) or any(
+            name in ISOLATION_SETS for name in delta.added)
+        if not lost:
+            return
+        snapshot = Ruleset(ruleset.table, ruleset.family, ruleset.sets, ruleset.chains,
+                           {name: dict(items) for name, items in ruleset.elements.items()})
+        with self._cond:
+            self._latest = snapshot
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._latest is None:
+                    self._cond.wait()
+                ruleset, self._latest = self._latest, None
+            try:
+                cut_disallowed(Matcher(ruleset))
+            except Exception as e:  # noqa: BLE001 - never take the agent down
+                log.error("cutting connections that are no longer allowed failed: %s", e)

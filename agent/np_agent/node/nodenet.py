@@ -22,13 +22,14 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from socket import AF_INET, AF_INET6
 from typing import Any
 
-from .model import ModelError
+from np_agent.policy.model import ModelError
 
 log = logging.getLogger("np_agent.nodenet")
 
@@ -447,3 +448,65 @@ class RouteManager:
 
 def _canonical_cidr(cidr: str) -> str:
     return str(ipaddress.ip_network(cidr, strict=False))
+
+
+class NodeNetwork:
+    """Watches Nodes: this node's conflist (from its podCIDRs) and routes to the others.
+
+    The conflist is written only once the agent is ready (:meth:`agent_ready`, after its
+    first successful sync): a runtime that finds it calls np-cni at once, and an ADD before
+    the agent can program pods would fail, or wait, for nothing.
+    """
+
+    def __init__(self, node_name: str, conf_dir: Path | None, routes: RouteManager | None,
+                 agent_socket: str, endpoints_dir: str, mtu: int) -> None:
+        self.node_name, self.conf_dir, self.routes = node_name, conf_dir, routes
+        self.agent_socket, self.endpoints_dir, self.mtu = agent_socket, endpoints_dir, mtu
+        self.nodes: dict[str, NodeInfo] = {}
+        self._lock = threading.Lock()
+        self._agent_ready = False
+
+    def agent_ready(self) -> None:
+        """The agent applied its first sync: the conflist may go in now."""
+        with self._lock:
+            self._agent_ready = True
+            self._apply()
+
+    def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self.nodes = {}
+            for raw in items:
+                self._put(raw)
+            self._apply()
+
+    def event(self, kind: str, type_: str, raw: dict[str, Any]) -> None:
+        with self._lock:
+            if type_ == "DELETED":
+                self.nodes.pop((raw.get("metadata") or {}).get("name", ""), None)
+            else:
+                self._put(raw)
+            self._apply()
+
+    def _put(self, raw: dict[str, Any]) -> None:
+        try:
+            info = parse_node(raw)
+        except ValueError as e:
+            log.error("invalid Node skipped: %s", e)
+            return
+        self.nodes[info.name] = info
+
+    def _apply(self) -> None:
+        local = self.nodes.get(self.node_name)
+        if local is None:
+            log.warning("Node %s not found: no conflist, no routes yet", self.node_name)
+            return
+        if self.conf_dir is not None and local.pod_cidrs and self._agent_ready:
+            conflist = conflist_for(local, agent_socket=self.agent_socket,
+                                    endpoints_dir=self.endpoints_dir, mtu=self.mtu)
+            if write_conflist(self.conf_dir, conflist):
+                log.info("wrote CNI config for pod CIDRs %s to %s", ",".join(local.pod_cidrs),
+                         self.conf_dir)
+        if self.routes is not None:
+            added, removed = self.routes.sync(desired_routes(local, self.nodes.values()))
+            if added or removed:
+                log.info("routes to other nodes: +%s -%s", added, removed)

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .nodenet import CONFLIST_NAME, NETWORK_NAME
+from np_agent.node.nodenet import CONFLIST_NAME, NETWORK_NAME
 
 SHIM_NAME = "np-cni"
 SHIM_MARKER = b"np-nft-cni-shim/1"  # MARKER in cni/shim/np-cni-shim.c
@@ -139,12 +139,12 @@ def _remove_binaries(bin_dir: Path, state_dir: Path) -> list[str]:
 
 def _remove_dataplane() -> list[str]:
     """Table inet np-nft and the proto-201 routes, in the current network namespace."""
-    from . import layout
-    from .dataplane import Dataplane
-    from .nodenet import ROUTE_PROTO, RouteManager
+    from np_agent.nft.dataplane import Dataplane
+    from np_agent.node.nodenet import ROUTE_PROTO, RouteManager
+    from np_agent.ruleset import FAMILY, TABLE
 
-    table = f"table {layout.FAMILY} {layout.TABLE}"
-    done = [f"removed {table}" if Dataplane().remove(layout.FAMILY, layout.TABLE)
+    table = f"table {FAMILY} {TABLE}"
+    done = [f"removed {table}" if Dataplane().remove(FAMILY, TABLE)
             else f"no {table}"]
     with RouteManager() as routes:
         flushed = routes.flush()

@@ -384,7 +384,7 @@ class FakeApiServer:
         if self._httpd is not None:
             raise RuntimeError("FakeApiServer is already listening")
         if self.netns is not None:
-            from .nsenter import in_netns
+            from np_lab.nsenter import in_netns
 
             with in_netns(self.netns):
                 httpd = _HTTPServer((self.host, self._port), self, self._family)

@@ -19,12 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .compiler import Compiled, Delta, NodeCompiler
-from .dataplane import ApplyResult, Dataplane
-from .endpoints import EndpointStore
-from .httpserver import Registry
-from .model import ClusterState, ModelError, fail_closed_policy, parse_object
-from .ruleset import Ruleset
+from np_agent.nft import layout
+from np_agent.nft.dataplane import ApplyResult, Dataplane
+from np_agent.node.health import Registry
+from np_agent.policy.compiler import Compiled, NodeCompiler
+from np_agent.policy.manifests import load_manifests
+from np_agent.policy.model import ClusterState, ModelError, fail_closed_policy, parse_object
+from np_agent.ruleset import Delta, Ruleset
+from np_cni.shared.endpoints import EndpointStore
 
 log = logging.getLogger("np_agent.node")
 
@@ -319,7 +321,7 @@ class NodeAgent:
             with self._cond:  # inputs mutate the compiler's state: compile under the lock
                 self.compiler.set_endpoints(endpoints)
                 delta = self.compiler.update()
-            ruleset = self.compiler.ruleset()
+            ruleset = layout.ruleset(self.compiler.current_elements())
             result = self.dataplane.reconcile(ruleset, verify=verify, delta=delta)
         except Exception as e:  # noqa: BLE001 - keep serving; the kernel keeps the last rules
             log.error("sync failed, the last applied rules stay in force: %s", e)
@@ -381,3 +383,25 @@ def _resource_version(raw: dict[str, Any]) -> int | None:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def maintenance_loop(agent: NodeAgent, cni: Any, stop: threading.Event,
+                     reload: threading.Event, wake: threading.Event, resync_interval: float,
+                     manifests: list[str] | None = None) -> None:
+    """Until ``stop``: re-read static manifests on ``reload`` (SIGHUP), and every
+    ``resync_interval`` check the kernel for drift and replay DELs the shim spooled while
+    this agent was restarting. ``cni`` is the CNI server (its ``pending`` spool)."""
+    next_check = time.monotonic() + resync_interval
+    while not stop.is_set():
+        if reload.is_set() and manifests:
+            reload.clear()
+            result = load_manifests(manifests)
+            for err in result.errors:
+                log.error("manifest skipped: %s", err)
+            agent.set_state(result.state)
+        wake.wait(max(0.0, next_check - time.monotonic()))
+        wake.clear()
+        if time.monotonic() >= next_check:
+            agent.request_sync(wait=False, verify=True)  # drift check against the kernel
+            cni.pending.replay()  # a DEL spooled while this agent was restarting
+            next_check = time.monotonic() + resync_interval

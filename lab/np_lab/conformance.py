@@ -9,7 +9,7 @@ expects as a *truth table* (from-pod x to-pod, per port and protocol) with helpe
 ``ExpectPeer`` and ``ExpectAllIngress``, probes every cell and prints expected, observed and
 the comparison when they differ. This module is that model for np-nft:
 
-* :class:`ConformanceCluster` -- a :class:`~np_agent.lab.cluster.ClusterLab` (node netns, the
+* :class:`ConformanceCluster` -- a :class:`~np_lab.cluster.ClusterLab` (node netns, the
   fake API server, ``np-agent run`` per node, pods wired by np-cni as a kubelet would) that
   builds the model (:meth:`~ConformanceCluster.build_model`), applies manifests
   (:meth:`~ConformanceCluster.apply_object`), knows when the kernel enforces what the API
@@ -36,14 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from np_agent.compiler import compile_state
-from np_agent.dataplane import KernelTable, read_table
-from np_agent.endpoints import EndpointStore
-from np_agent.manifests import LoadResult, add_object
-from np_agent.model import ClusterState
-
-from .cluster import ClusterLab, ClusterNode, ClusterPod
-from .fakeapi import FakeApiError
+from np_agent.nft import layout
+from np_agent.nft.dataplane import KernelTable, read_table
+from np_agent.policy.compiler import compile_state
+from np_agent.policy.manifests import LoadResult, add_object
+from np_agent.policy.model import ClusterState
+from np_cni.shared.endpoints import EndpointStore
+from np_lab.cluster import ClusterLab, ClusterNode, ClusterPod
+from np_lab.fakeapi import FakeApiError
 
 NAMESPACES = ("x", "y", "z")
 POD_NAMES = ("a", "b", "c")
@@ -454,7 +454,7 @@ class ConformanceCluster(ClusterLab):
         out = []
         for node in self.nodes:
             endpoints, _ = EndpointStore(node.dir / "endpoints").all()
-            want = compile_state(state, node.name, endpoints).ruleset
+            want = layout.ruleset(compile_state(state, node.name, endpoints).elements)
             have = self.kernel_table(node)
             if have is None:
                 out.append(f"{node.name}: no table {' '.join(TABLE)}")
@@ -560,7 +560,7 @@ class ConformanceCluster(ClusterLab):
                 sources: Sequence[MatrixTarget] | None = None,
                 dests: Sequence[MatrixTarget] | None = None) -> Reachability:
         """Expected matrix from an evaluator ``evaluate(state, src_ip, dst_ip, proto, port)``
-        (such as np_agent.reference) on the current API state. A node reaching a pod of its own
+        (such as np_lab.reference) on the current API state. A node reaching a pod of its own
         node is always allowed (that traffic never crosses the forward hook, so kubelet
         probes work); a remote node is an ordinary source address."""
         dests = list(dests) if dests is not None else self.pod_targets()
