@@ -19,16 +19,16 @@ import re
 import subprocess
 from pathlib import Path
 
+from np_cni.shared.endpoints import HOST_IFNAME_PREFIX
 from np_cni.spec import GATEWAY_V4, GATEWAY_V6, IO_FAILURE, UNKNOWN_CONTAINER, CniError
 
-HOST_PREFIX = "np"  # matches np_agent.nft.layout.CNI_IFNAME_PREFIX: anti-spoofing keys on it
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def host_ifname(container_id: str, ifname: str) -> str:
     """Deterministic and unique per attachment, so DEL and GC find it without any state."""
     digest = hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()
-    return HOST_PREFIX + digest[:11]
+    return HOST_IFNAME_PREFIX + digest[:11]
 
 
 def _ip(args: list[str], batch: list[str] | None = None, netns: str | None = None) -> str:

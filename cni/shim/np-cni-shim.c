@@ -7,7 +7,7 @@
  * would have printed. Build: musl-gcc -static -Os -o np-cni cni/shim/np-cni-shim.c
  * (plain gcc works too).
  *
- * Wire format (np_agent/shimproto.py is the other side; keep both in step):
+ * Wire format (np_cni/shared/shimproto.py is the other side; keep both in step):
  *
  *   request  "NPCNI/1\n"                   magic first line (the JSON-line protocol of the
  *                                          same socket starts with '{')

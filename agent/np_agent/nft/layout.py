@@ -58,9 +58,9 @@ from np_agent.ruleset import (
     pod_ifaces_set,
     policy_chain,
 )
+from np_cni.shared.endpoints import HOST_IFNAME_PREFIX
 
 FAMILIES = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
-CNI_IFNAME_PREFIX = "np"  # np-cni names every host-side veth np<hash>
 
 
 # ----------------------------------------------------------------- JSON expression helpers
@@ -155,7 +155,7 @@ def _antispoof_chain(version: int) -> ChainSpec:
 
 def _prerouting_chain() -> ChainSpec:
     rules = (
-        _rule([_match({"meta": {"key": "iifname"}}, f"{CNI_IFNAME_PREFIX}*"),
+        _rule([_match({"meta": {"key": "iifname"}}, f"{HOST_IFNAME_PREFIX}*"),
                {"vmap": {"key": {"meta": {"key": "nfproto"}},
                          "data": {"set": [["ipv4", {"jump": {"target": antispoof_chain(4)}}],
                                           ["ipv6", {"jump": {"target": antispoof_chain(6)}}]]}}}],

@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEFAULT_DIR = Path("/var/lib/np-nft/endpoints")
+# np-cni names every pod's host-side veth HOST_IFNAME_PREFIX<hash>; the agent's anti-spoofing
+# chain takes every interface with this prefix for a pod's.
+HOST_IFNAME_PREFIX = "np"
 # CNI_CONTAINERID: "alphanumeric, plus underscore, dot and hyphen"; interface names likewise.
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
