@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
-from np_agent.node.health import (
-    CONTENT_TYPE,
-    Counter,
-    HealthServer,
-    Registry,
-    format_value,
-    parse_address,
-)
+from np_agent.node.engine import Metrics
+from np_agent.node.health import CONTENT_TYPE, HealthServer, parse_address
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def fetch(server: HealthServer, path: str) -> tuple[int, str, str]:
+def fetch(server: HealthServer, path: str, method: str = "GET") -> tuple[int, str, str]:
     """(status, content type, body), HTTP errors included."""
+    request = urllib.request.Request(server.url + path, method=method)
     try:
-        with urllib.request.urlopen(server.url + path, timeout=5) as resp:
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.status, resp.headers["Content-Type"], resp.read().decode()
     except urllib.error.HTTPError as err:
         with err:
@@ -36,8 +35,7 @@ def state() -> dict[str, object]:
 
 @pytest.fixture
 def server(state: dict[str, object]) -> Iterator[HealthServer]:
-    registry = Registry()
-    srv = HealthServer("127.0.0.1:0", registry=registry, alive=lambda: state["alive"],
+    srv = HealthServer("127.0.0.1:0", registry=CollectorRegistry(), alive=lambda: state["alive"],
                        ready=lambda: state["ready"])  # type: ignore[arg-type,return-value]
     with srv.start():
         yield srv
@@ -68,127 +66,81 @@ def test_failing_check_is_a_failure_with_its_text(server: HealthServer) -> None:
 
 
 def test_unknown_path_is_404(server: HealthServer) -> None:
-    assert fetch(server, "/nope")[0] == 404
+    assert fetch(server, "/nope") == (404, "text/plain; charset=utf-8", "not found: /nope\n")
     assert fetch(server, "/")[0] == 404
 
 
-def test_metrics_exposition(server: HealthServer) -> None:
-    reg = server.registry
-    syncs = reg.counter("npnft_syncs", "Transactions applied.", ["result"])
-    syncs.labels(result="ok").inc()
-    syncs.labels("ok").inc(2)
-    syncs.labels(result='err"or\n').inc()
-    pods = reg.gauge("npnft_pods", "Pods wired on this node.")
-    pods.set(5)
-    pods.dec()
-    reg.gauge("npnft_set_elements", "Elements per set.", ["set"],
-              callback=lambda: {("ingress-allow-v4",): 12, ("egress-allow-v4",): 3})
-    hist = reg.histogram("npnft_sync_seconds", "Sync duration.\nSeconds.", buckets=(0.1, 1, 0.5))
-    for value in (0.05, 0.1, 0.7, 3):
-        hist.observe(value)
-    lat = reg.histogram("npnft_cni_seconds", "CNI request duration.", ["command"], buckets=(1,))
-    lat.labels(command="ADD").observe(0.5)
+def test_head_answers_like_get_without_a_body(server: HealthServer) -> None:
+    assert fetch(server, "/healthz", "HEAD") == (200, "text/plain; charset=utf-8", "")
+    assert fetch(server, "/readyz", "HEAD")[0::2] == (503, "")
+    assert fetch(server, "/metrics", "HEAD") == (200, CONTENT_TYPE, "")
 
+
+def exercised_metrics(registry: CollectorRegistry) -> Metrics:
+    """The agent's metrics with one sample in each, as the agent and the CNI server set them."""
+    metrics = Metrics(registry)
+    metrics.objects.labels("pods").set(3)
+    metrics.events.labels("pods").inc()
+    metrics.syncs.inc()
+    metrics.errors.labels("sync").inc()
+    metrics.elements.set(7)
+    metrics.transaction.observe(0.003)
+    metrics.cni.labels("ADD", "0").observe(0.02)
+    metrics.event_to_kernel.observe(0.04)
+    return metrics
+
+
+# What README.md's "np-agent run" section lists: exposed name -> (type, labels).
+README_METRICS = {
+    "np_agent_objects": ("gauge", {"kind"}),
+    "np_agent_watch_events_total": ("counter", {"kind"}),
+    "np_agent_syncs_total": ("counter", set()),
+    "np_agent_errors_total": ("counter", {"stage"}),
+    "np_agent_set_elements": ("gauge", set()),
+    "np_agent_transaction_seconds": ("histogram", set()),
+    "np_agent_event_to_kernel_seconds": ("histogram", set()),
+}
+
+
+def test_metrics_exposition_has_every_readme_metric(server: HealthServer) -> None:
+    exercised_metrics(server.registry)
     status, content_type, text = fetch(server, "/metrics")
     assert (status, content_type) == (200, CONTENT_TYPE)
-    assert text == """\
-# HELP npnft_syncs_total Transactions applied.
-# TYPE npnft_syncs_total counter
-npnft_syncs_total{result="err\\"or\\n"} 1.0
-npnft_syncs_total{result="ok"} 3.0
-# HELP npnft_pods Pods wired on this node.
-# TYPE npnft_pods gauge
-npnft_pods 4.0
-# HELP npnft_set_elements Elements per set.
-# TYPE npnft_set_elements gauge
-npnft_set_elements{set="egress-allow-v4"} 3.0
-npnft_set_elements{set="ingress-allow-v4"} 12.0
-# HELP npnft_sync_seconds Sync duration.\\nSeconds.
-# TYPE npnft_sync_seconds histogram
-npnft_sync_seconds_bucket{le="0.1"} 2.0
-npnft_sync_seconds_bucket{le="0.5"} 2.0
-npnft_sync_seconds_bucket{le="1.0"} 3.0
-npnft_sync_seconds_bucket{le="+Inf"} 4.0
-npnft_sync_seconds_sum 3.85
-npnft_sync_seconds_count 4.0
-# HELP npnft_cni_seconds CNI request duration.
-# TYPE npnft_cni_seconds histogram
-npnft_cni_seconds_bucket{command="ADD",le="1.0"} 1.0
-npnft_cni_seconds_bucket{command="ADD",le="+Inf"} 1.0
-npnft_cni_seconds_sum{command="ADD"} 0.5
-npnft_cni_seconds_count{command="ADD"} 1.0
-"""
-    _check_parses(text)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    readme = README.read_text()
+    for exposed, (kind, labels) in README_METRICS.items():
+        assert exposed in readme
+        family = families[exposed.removesuffix("_total")]  # the parser drops counters' _total
+        assert family.type == kind, exposed
+        assert family.samples, exposed
+        for sample in family.samples:
+            assert set(sample.labels) - {"le"} == labels, sample
+    # The CNI server's histogram (not in README's list), labelled by command and exit code.
+    cni = families["np_agent_cni_seconds"]
+    assert cni.type == "histogram"
+    assert {(s.labels["command"], s.labels["code"]) for s in cni.samples} == {("ADD", "0")}
+    # Exactly these series and no others (prometheus_client's `_created` ones are off).
+    assert {s.name for f in families.values() for s in f.samples} == {
+        "np_agent_objects", "np_agent_watch_events_total", "np_agent_syncs_total",
+        "np_agent_errors_total", "np_agent_set_elements",
+        *(f"{h}_{suffix}" for h in ("np_agent_transaction_seconds", "np_agent_cni_seconds",
+                                    "np_agent_event_to_kernel_seconds")
+          for suffix in ("bucket", "sum", "count"))}
+    buckets = [s.labels["le"] for s in families["np_agent_transaction_seconds"].samples
+               if s.name.endswith("_bucket")]
+    assert buckets == ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25",
+                       "0.5", "1.0", "2.5", "+Inf"]
 
 
-def _check_parses(text: str) -> None:
-    """Every sample line is `name{labels} value` with a float value; TYPE precedes samples."""
-    typed: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            typed.add(line.split()[2])
-        elif not line.startswith("#"):
-            name_labels, value = line.rsplit(" ", 1)
-            float(value.replace("Inf", "inf"))
-            name = name_labels.split("{", 1)[0]
-            assert any(name == t or name.startswith(t + "_") for t in typed), line
+def test_each_agent_has_its_own_registry() -> None:
+    """Several agents in one process (the tests) must not collide in a shared registry."""
+    first, second = exercised_metrics(CollectorRegistry()), exercised_metrics(CollectorRegistry())
+    second.syncs.inc()
+    assert first.registry.get_sample_value("np_agent_syncs_total") == 1
+    assert second.registry.get_sample_value("np_agent_syncs_total") == 2
 
 
-def test_unlabelled_counter_starts_at_zero_and_total_suffix_not_doubled() -> None:
-    reg = Registry()
-    reg.counter("npnft_errors_total", "Errors.")
-    assert "npnft_errors_total 0.0\n" in reg.render()
-    with pytest.raises(ValueError, match="already registered"):
-        reg.counter("npnft_errors", "Again.")
-
-
-def test_metric_misuse_is_rejected() -> None:
-    counter = Counter("c", "C.", ["a"])
-    with pytest.raises(ValueError, match="use .labels"):
-        counter.inc()
-    with pytest.raises(ValueError, match="do not match"):
-        counter.labels(b="x")
-    with pytest.raises(ValueError, match="cannot decrease"):
-        counter.labels("x").inc(-1)
-    with pytest.raises(ValueError, match="invalid metric name"):
-        Counter("bad-name", "x")
-    with pytest.raises(ValueError, match="invalid label name"):
-        Counter("c", "x", ["le"])
-    gauge = Registry().gauge("g", "G.", callback=lambda: 1.0)
-    with pytest.raises(ValueError, match="callback"):
-        gauge.set(2)
-
-
-def test_failing_gauge_callback_does_not_break_the_scrape() -> None:
-    reg = Registry()
-    reg.gauge("broken", "Fails.", callback=lambda: 1 / 0)
-    reg.gauge("fine", "Works.").set(1)
-    assert reg.render() == ("# HELP broken Fails.\n# TYPE broken gauge\n"
-                            "# HELP fine Works.\n# TYPE fine gauge\nfine 1.0\n")
-
-
-def test_concurrent_updates_are_not_lost() -> None:
-    reg = Registry()
-    counter = reg.counter("hits", "Hits.", ["t"])
-    hist = reg.histogram("lat", "Latency.", buckets=(1,))
-
-    def work() -> None:
-        for _ in range(2000):
-            counter.labels("x").inc()
-            hist.observe(0.5)
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert counter.value("x") == 16000
-    assert 'lat_bucket{le="1.0"} 16000.0\n' in reg.render()
-
-
-def test_format_and_address_parsing() -> None:
-    assert [format_value(v) for v in (1, 0.25, float("inf"), float("nan"))] == [
-        "1.0", "0.25", "+Inf", "NaN"]
+def test_address_parsing() -> None:
     assert parse_address("127.0.0.1:9090") == ("127.0.0.1", 9090)
     assert parse_address(":0") == ("", 0)
     assert parse_address("[::1]:8080") == ("::1", 8080)

@@ -405,7 +405,8 @@ def test_agent_applies_nothing_before_every_kind_is_listed(fake: FakeApiServer, 
     assert pods.synced.wait(5)
     # A pod that appears after the pod list, before the policies are listed, must not be lost.
     fake.create("pods", pod("late", ip="10.1.0.2"))
-    eventually(lambda: agent.metrics.events.value("pods") >= 1)
+    eventually(lambda: agent.metrics.registry.get_sample_value(
+        "np_agent_watch_events_total", {"kind": "pods"}))  # None, then >= 1
     # Pods and namespaces without their policies would open pods that should be closed.
     outcome = agent.request_sync(wait=True, timeout=0.3)
     assert outcome.error == "timed out waiting for the dataplane" and outcome.result is None
@@ -434,10 +435,11 @@ def test_agent_coalesces_a_burst_of_events(fake: FakeApiServer, reflect, agent_w
         fake.create("pods", pod(f"p{i}", ip=ip))
     eventually(lambda: isolated_v4(dp.last()) == ips, timeout=10,
                message=lambda: f"{len(isolated_v4(dp.last()))} of 50 pods enforced")
-    assert agent.metrics.events.value("pods") == 50
+    assert agent.metrics.registry.get_sample_value(
+        "np_agent_watch_events_total", {"kind": "pods"}) == 50
     eventually(lambda: agent.applied_seq == agent._seq)  # every input marked is enforced
     syncs = dp.count() - before
     print(f"\n50 events -> {syncs} reconciles")
     assert 1 <= syncs <= 10, f"50 events cost {syncs} reconciles"
     assert isolated_v4(dp.last()) == ips
-    assert agent.metrics.objects.value("pods") == 50
+    assert agent.metrics.registry.get_sample_value("np_agent_objects", {"kind": "pods"}) == 50

@@ -15,10 +15,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from np_agent.node.cniserver import CniServer
 from np_agent.node.conntrack import ConntrackCutter
 from np_agent.node.engine import NodeAgent, maintenance_loop
-from np_agent.node.health import HealthServer, Registry
+from np_agent.node.health import HealthServer
 from np_agent.node.nodenet import NodeNetwork, RouteManager
 from np_cni.shared.endpoints import EndpointStore
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pid_file:  # deprecated: only the old chroot wrapper needed it
         Path(args.pid_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.pid_file).write_text(f"{os.getpid()}\n")
-    registry = Registry()
+    registry = CollectorRegistry()
     agent = NodeAgent(args.node_name, EndpointStore(args.endpoints_dir), registry=registry,
                       after_sync=None if args.keep_established else ConntrackCutter())
     agent.start()

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from np_agent.nft import layout
 from np_agent.nft.dataplane import ApplyResult, Dataplane
-from np_agent.node.health import Registry
 from np_agent.policy.compiler import Compiled, NodeCompiler
 from np_agent.policy.manifests import load_manifests
 from np_agent.policy.model import ClusterState, ModelError, fail_closed_policy, parse_object
@@ -42,35 +43,45 @@ class Outcome:
 
 
 class Metrics:
-    def __init__(self, registry: Registry) -> None:
+    """The agent's metrics, in the agent's own registry (served by health.HealthServer).
+
+    prometheus_client appends ``_total`` to counter names: ``np_agent_watch_events`` is
+    exposed as ``np_agent_watch_events_total``, as README.md lists it.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.objects = registry.gauge("np_agent_objects", "API objects held, by kind", ["kind"])
-        self.events = registry.counter("np_agent_watch_events", "watch events received",
-                                       ["kind"])
-        self.syncs = registry.counter("np_agent_syncs", "compile + apply rounds")
-        self.errors = registry.counter("np_agent_errors", "failures, by stage", ["stage"])
-        self.elements = registry.gauge("np_agent_set_elements", "set elements enforced")
-        self.transaction = registry.histogram(
-            "np_agent_transaction_seconds", "nftables transaction latency",
+        self.objects = Gauge("np_agent_objects", "API objects held, by kind", ["kind"],
+                             registry=registry)
+        self.events = Counter("np_agent_watch_events", "watch events received", ["kind"],
+                              registry=registry)
+        self.syncs = Counter("np_agent_syncs", "compile + apply rounds", registry=registry)
+        self.errors = Counter("np_agent_errors", "failures, by stage", ["stage"],
+                              registry=registry)
+        self.elements = Gauge("np_agent_set_elements", "set elements enforced",
+                              registry=registry)
+        self.transaction = Histogram(
+            "np_agent_transaction_seconds", "nftables transaction latency", registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-        self.cni = registry.histogram(
+        self.cni = Histogram(
             "np_agent_cni_seconds", "CNI commands run for the node's shim, by command and "
-            "exit code, from request to answer", ["command", "code"],
+            "exit code, from request to answer", ["command", "code"], registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
-        self.event_to_kernel = registry.histogram(
+        self.event_to_kernel = Histogram(
             "np_agent_event_to_kernel_seconds", "from a watch event's arrival to the end of "
-            "the transaction that enforces it",
+            "the transaction that enforces it", registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
 
 class NodeAgent:
     def __init__(self, node_name: str | None, store: EndpointStore,
-                 dataplane: Dataplane | None = None, registry: Registry | None = None,
+                 dataplane: Dataplane | None = None,
+                 registry: CollectorRegistry | None = None,
                  after_sync: Callable[[Ruleset, Delta], None] | None = None) -> None:
         self.node_name = node_name
         self.store = store
         self.dataplane = dataplane or Dataplane()
-        self.metrics = Metrics(registry or Registry())
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.after_sync = after_sync  # e.g. cutting conntrack entries no longer allowed
         self.compiler = NodeCompiler(node_name)
         self.ready = False

@@ -1,362 +1,37 @@
-"""Health, readiness and Prometheus metrics over HTTP, with the standard library only.
+"""Health, readiness and Prometheus metrics over HTTP.
 
 The agent runs as a DaemonSet: the kubelet needs ``/healthz`` (liveness: is the main loop
 still turning?) and ``/readyz`` (readiness: has the first ruleset reached the kernel?), and
-operators want ``/metrics``. ``prometheus_client`` would be one more dependency on a node
-component for three metric types, so this module carries a small registry that renders the
-Prometheus text exposition format 0.0.4 itself.
-
-Everything here is thread-safe: metrics are updated from the agent's threads while the
-server's threads render them.
+operators want ``/metrics``. The metrics are ``prometheus_client``'s, kept in a
+``CollectorRegistry`` the agent owns (not the process-wide default registry: tests run several
+agents in one process) and rendered by its ``generate_latest``. The two probes are not
+metrics, so a small standard-library server answers them itself and hands ``/metrics`` over.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
-import math
-import re
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+
 log = logging.getLogger("np_agent.http")
 
+# generate_latest() writes the text format 0.0.4 for names like ours; say so, as this server
+# always has and as prometheus_client's own handler does when a scraper asks for nothing else
+# (its CONTENT_TYPE_LATEST became "version=1.0.0" in 0.23, which older Prometheus servers
+# do not know).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TEXT = "text/plain; charset=utf-8"
 POLL_INTERVAL = 0.1  # seconds; how long stop() may wait for the serving thread
-DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                   7.5, 10.0)
 
-_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-LabelValues = tuple[str, ...]
-
-
-# ----------------------------------------------------------------------
-# Text format helpers
-# ----------------------------------------------------------------------
-
-
-def format_value(value: float) -> str:
-    """A sample value as Prometheus writes it: Go float syntax, ``+Inf``, ``NaN``."""
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _labels_text(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    pairs = ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True))
-    return "{" + pairs + "}"
-
-
-# ----------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------
-
-
-class Metric:
-    """Common part: name, help, label names, and one value slot per label combination."""
-
-    kind = "untyped"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        if not _METRIC_NAME.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        for label in labelnames:
-            if not _LABEL_NAME.match(label) or label.startswith("__") or label == "le":
-                raise ValueError(f"invalid label name {label!r} for metric {name}")
-        if len(set(labelnames)) != len(labelnames):
-            raise ValueError(f"duplicate label names for metric {name}: {labelnames}")
-        self.name = name
-        self.documentation = documentation
-        self.labelnames: tuple[str, ...] = tuple(labelnames)
-        self._lock = threading.Lock()
-
-    def _key(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> LabelValues:
-        """Label values in declaration order, from positional or keyword arguments."""
-        if args and kwargs:
-            raise ValueError(f"{self.name}: pass label values by position or by name, not both")
-        if kwargs:
-            if set(kwargs) != set(self.labelnames):
-                raise ValueError(f"{self.name}: labels {sorted(kwargs)} do not match "
-                                 f"{list(self.labelnames)}")
-            args = [kwargs[name] for name in self.labelnames]
-        if len(args) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {list(self.labelnames)}, "
-                             f"got {len(args)} values")
-        return tuple(str(v) for v in args)
-
-    def _check_unlabelled(self) -> None:
-        if self.labelnames:
-            raise ValueError(f"{self.name} has labels {list(self.labelnames)}: use .labels()")
-
-    def exposed_name(self) -> str:
-        """The name in # HELP / # TYPE lines (counters add ``_total``)."""
-        return self.name
-
-    def samples(self) -> list[tuple[str, str, float]]:
-        """(sample name, labels text, value) per line; subclasses implement."""
-        raise NotImplementedError
-
-    def render(self) -> str:
-        name = self.exposed_name()
-        lines = [f"# HELP {name} {_escape_help(self.documentation)}", f"# TYPE {name} {self.kind}"]
-        lines += [f"{sample}{labels} {format_value(value)}"
-                  for sample, labels, value in self.samples()]
-        return "\n".join(lines) + "\n"
-
-
-class CounterChild:
-    """A counter bound to one set of label values (what ``Counter.labels()`` returns)."""
-
-    def __init__(self, metric: Counter, key: LabelValues) -> None:
-        self._metric, self._key = metric, key
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._metric._inc(self._key, amount)
-
-
-class GaugeChild:
-    """A gauge bound to one set of label values."""
-
-    def __init__(self, metric: Gauge, key: LabelValues) -> None:
-        self._metric, self._key = metric, key
-
-    def set(self, value: float) -> None:
-        self._metric._set(self._key, value)
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._metric._inc(self._key, amount)
-
-    def dec(self, amount: float = 1.0) -> None:
-        self._metric._inc(self._key, -amount)
-
-
-class HistogramChild:
-    """A histogram bound to one set of label values."""
-
-    def __init__(self, metric: Histogram, key: LabelValues) -> None:
-        self._metric, self._key = metric, key
-
-    def observe(self, value: float) -> None:
-        self._metric._observe(self._key, value)
-
-
-class Counter(Metric):
-    """A value that only goes up (events, packets, errors); exposed as ``<name>_total``."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name.removesuffix("_total"), documentation, labelnames)
-        self._values: dict[LabelValues, float] = {} if labelnames else {(): 0.0}
-
-    def labels(self, *values: Any, **named: Any) -> CounterChild:
-        """The counter for these label values, by position or by name."""
-        return CounterChild(self, self._key(values, named))
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._check_unlabelled()
-        self._inc((), amount)
-
-    def _inc(self, key: LabelValues, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError(f"{self.name}: counters cannot decrease (inc by {amount})")
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, *values: Any, **named: Any) -> float:
-        with self._lock:
-            return self._values.get(self._key(values, named), 0.0)
-
-    def exposed_name(self) -> str:
-        return f"{self.name}_total"
-
-    def samples(self) -> list[tuple[str, str, float]]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [(self.exposed_name(), _labels_text(self.labelnames, k), v) for k, v in items]
-
-
-GaugeCallback = Callable[[], float | Mapping[LabelValues, float]]
-
-
-class Gauge(Metric):
-    """A value that goes up and down; either set by the agent or read from ``callback``.
-
-    A callback is read at scrape time (sizes of things the agent already holds, no second
-    copy to keep in step). Without labels it returns a number; with labels a mapping from
-    label-value tuples to numbers. A failing callback loses its samples, not the scrape.
-    """
-
-    kind = "gauge"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                 callback: GaugeCallback | None = None) -> None:
-        super().__init__(name, documentation, labelnames)
-        self._callback = callback
-        self._values: dict[LabelValues, float] = {} if labelnames else {(): 0.0}
-
-    def labels(self, *values: Any, **named: Any) -> GaugeChild:
-        """The gauge for these label values (not for callback gauges)."""
-        if self._callback is not None:
-            raise ValueError(f"{self.name} is read from a callback and cannot be set")
-        return GaugeChild(self, self._key(values, named))
-
-    def set(self, value: float) -> None:
-        self._check_settable()
-        self._set((), value)
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._check_settable()
-        self._inc((), amount)
-
-    def dec(self, amount: float = 1.0) -> None:
-        self._check_settable()
-        self._inc((), -amount)
-
-    def _check_settable(self) -> None:
-        self._check_unlabelled()
-        if self._callback is not None:
-            raise ValueError(f"{self.name} is read from a callback and cannot be set")
-
-    def _set(self, key: LabelValues, value: float) -> None:
-        with self._lock:
-            self._values[key] = float(value)
-
-    def _inc(self, key: LabelValues, amount: float = 1.0) -> None:
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, *values: Any, **named: Any) -> float:
-        with self._lock:
-            return self._values.get(self._key(values, named), 0.0)
-
-    def _current(self) -> list[tuple[LabelValues, float]]:
-        if self._callback is None:
-            with self._lock:
-                return sorted(self._values.items())
-        try:
-            result = self._callback()
-        except Exception:
-            log.exception("gauge %s: callback failed", self.name)
-            return []
-        if isinstance(result, Mapping):
-            return sorted((self._key(k, {}), float(v)) for k, v in result.items())
-        return [((), float(result))]
-
-    def samples(self) -> list[tuple[str, str, float]]:
-        return [(self.name, _labels_text(self.labelnames, k), v) for k, v in self._current()]
-
-
-class Histogram(Metric):
-    """Distribution of observations (durations in seconds) in fixed cumulative buckets."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                 buckets: Iterable[float] = DEFAULT_BUCKETS) -> None:
-        super().__init__(name, documentation, labelnames)
-        bounds = sorted({float(b) for b in buckets if not math.isinf(b)})
-        if not bounds:
-            raise ValueError(f"{name}: at least one finite bucket bound is needed")
-        self.buckets: tuple[float, ...] = (*bounds, math.inf)
-        # per label values: (count per bucket, non-cumulative; sum)
-        self._data: dict[LabelValues, tuple[list[int], float]] = {}
-        if not labelnames:
-            self._data[()] = ([0] * len(self.buckets), 0.0)
-
-    def labels(self, *values: Any, **named: Any) -> HistogramChild:
-        """The histogram for these label values."""
-        return HistogramChild(self, self._key(values, named))
-
-    def observe(self, value: float) -> None:
-        self._check_unlabelled()
-        self._observe((), value)
-
-    def _observe(self, key: LabelValues, value: float) -> None:
-        if math.isnan(value):
-            raise ValueError(f"{self.name}: cannot observe NaN")
-        index = bisect.bisect_left(self.buckets, value)  # first bound >= value: le semantics
-        with self._lock:
-            counts, total = self._data.get(key) or ([0] * len(self.buckets), 0.0)
-            counts[index] += 1
-            self._data[key] = (counts, total + value)
-
-    def samples(self) -> list[tuple[str, str, float]]:
-        with self._lock:
-            items = sorted((k, (list(c), s)) for k, (c, s) in self._data.items())
-        out: list[tuple[str, str, float]] = []
-        names = (*self.labelnames, "le")
-        for key, (counts, total) in items:
-            running = 0
-            for bound, count in zip(self.buckets, counts, strict=True):
-                running += count
-                labels = _labels_text(names, (*key, format_value(bound)))
-                out.append((f"{self.name}_bucket", labels, running))
-            plain = _labels_text(self.labelnames, key)
-            out += [(f"{self.name}_sum", plain, total), (f"{self.name}_count", plain, running)]
-        return out
-
-
-class Registry:
-    """The metrics one process exposes, rendered in registration order."""
-
-    def __init__(self) -> None:
-        self._metrics: dict[str, Metric] = {}
-        self._lock = threading.Lock()
-
-    def register(self, metric: Metric) -> Metric:
-        with self._lock:
-            name = metric.exposed_name()
-            if name in self._metrics:
-                raise ValueError(f"metric {name} is already registered")
-            self._metrics[name] = metric
-        return metric
-
-    def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
-        metric = Counter(name, documentation, labelnames)
-        self.register(metric)
-        return metric
-
-    def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-              callback: GaugeCallback | None = None) -> Gauge:
-        metric = Gauge(name, documentation, labelnames, callback)
-        self.register(metric)
-        return metric
-
-    def histogram(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                  buckets: Iterable[float] = DEFAULT_BUCKETS) -> Histogram:
-        metric = Histogram(name, documentation, labelnames, buckets)
-        self.register(metric)
-        return metric
-
-    def render(self) -> str:
-        """The whole exposition, in text format 0.0.4."""
-        with self._lock:
-            metrics = list(self._metrics.values())
-        return "".join(metric.render() for metric in metrics)
-
-
-# ----------------------------------------------------------------------
-# HTTP server
-# ----------------------------------------------------------------------
+# prometheus_client adds a `<name>_created` series to every counter and histogram: series the
+# agent never exposed and no one asked for. The switch is process-wide; one agent per process.
+disable_created_metrics()
 
 # ready() may answer a bare bool or (ready, reason) so /readyz can say what is missing.
 ReadyCheck = Callable[[], bool | tuple[bool, str]]
@@ -375,11 +50,11 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+    daemon_threads = True  # a scrape in progress must not keep the agent from exiting
+    allow_reuse_address = True  # a restarted agent rebinds at once, despite TIME_WAIT
 
     def __init__(self, addr: tuple[str, int], family: int, owner: HealthServer) -> None:
-        self.address_family = family
+        self.address_family = family  # set before binding: "[::1]:9490" needs AF_INET6
         self.owner = owner
         super().__init__(addr, _Handler)
 
@@ -392,20 +67,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._respond(head=False)
 
-    def do_HEAD(self) -> None:
+    def do_HEAD(self) -> None:  # same status and headers as GET, no body
         self._respond(head=True)
 
     def _respond(self, head: bool) -> None:
         status, content_type, body = self.server.owner.handle(self.path.split("?", 1)[0])
-        data = body.encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:
-            self.wfile.write(data)
+            self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: Any) -> None:  # not on stderr: probes are chatty
         log.debug("%s %s", self.address_string(), format % args)
 
 
@@ -417,11 +91,11 @@ class HealthServer:
     yet. Both run on each request, so they must be cheap and must not block.
     """
 
-    def __init__(self, address: str, *, registry: Registry | None = None,
+    def __init__(self, address: str, *, registry: CollectorRegistry | None = None,
                  alive: Callable[[], bool] = lambda: True,
                  ready: ReadyCheck = lambda: True) -> None:
         self.host, self.requested_port = parse_address(address)
-        self.registry = registry if registry is not None else Registry()
+        self.registry = registry if registry is not None else CollectorRegistry()
         self.alive = alive
         self.ready = ready
         self._server: _Server | None = None
@@ -468,19 +142,17 @@ class HealthServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- request handling (also callable without a socket) -------------
-
-    def handle(self, path: str) -> tuple[int, str, str]:
-        """(status, content type, body) for ``path``."""
+    def handle(self, path: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) for ``path``; also callable without a socket."""
         if path == "/healthz":
             ok, reason = _check(self.alive, "main loop stalled")
-            return (200 if ok else 503), "text/plain; charset=utf-8", ("ok" if ok else reason)
-        if path == "/readyz":
+        elif path == "/readyz":
             ok, reason = _check(self.ready, "not ready")
-            return (200 if ok else 503), "text/plain; charset=utf-8", ("ok" if ok else reason)
-        if path == "/metrics":
-            return 200, CONTENT_TYPE, self.registry.render()
-        return 404, "text/plain; charset=utf-8", f"not found: {path}\n"
+        elif path == "/metrics":
+            return 200, CONTENT_TYPE, generate_latest(self.registry)
+        else:
+            return 404, TEXT, f"not found: {path}\n".encode()
+        return (200 if ok else 503), TEXT, ("ok" if ok else reason).encode()
 
 
 def _check(probe: Callable[[], Any], default_reason: str) -> tuple[bool, str]:
