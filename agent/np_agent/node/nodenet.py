@@ -20,8 +20,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 from socket import AF_INET, AF_INET6
 from typing import Any
 
+from np_agent.node.atomic import replace_file
 from np_agent.policy.model import ModelError
 
 log = logging.getLogger("np_agent.nodenet")
@@ -205,18 +204,7 @@ def write_conflist(
     if _read_json(path) == json.loads(text):  # parsed form: tuples and lists compare equal
         return False
     conf_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=conf_dir, prefix=f".{filename}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(conf_dir)
+    replace_file(path, text.encode())
     log.info("wrote CNI configuration %s", path)
     return True
 
@@ -230,15 +218,6 @@ def _read_json(path: Path) -> Any:
     except (OSError, ValueError) as exc:
         log.warning("replacing unreadable %s: %s", path, exc)
         return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself, so a crash cannot bring back the old file."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------

@@ -21,12 +21,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from np_agent.node.atomic import replace_file
 from np_agent.node.nodenet import CONFLIST_NAME, NETWORK_NAME
 
 SHIM_NAME = "np-cni"
@@ -54,18 +53,8 @@ def is_shim(path: Path) -> bool:
 
 def install_file(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` atomically, executable (0755), synced to disk."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as data:
-            shutil.copyfileobj(data, out)
-            out.flush()
-            os.fchmod(out.fileno(), 0o755)
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
+    with open(src, "rb") as data:
+        replace_file(dst, data, 0o755)
 
 
 def install_cni(bin_dir: Path, shim: Path, plugins_from: Path, plugins: list[str],
@@ -205,22 +194,4 @@ def _sha256(path: Path) -> str:
 def _write_manifest(state_dir: Path, manifest: dict[str, Any]) -> None:
     """Atomically, like the binaries: a crash never leaves half a manifest."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{MANIFEST}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, state_dir / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself, so a crash cannot bring back the old file."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_file(state_dir / MANIFEST, json.dumps(manifest, indent=2).encode())
