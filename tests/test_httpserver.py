@@ -87,6 +87,7 @@ def exercised_metrics(registry: CollectorRegistry) -> Metrics:
     metrics.transaction.observe(0.003)
     metrics.cni.labels("ADD", "0").observe(0.02)
     metrics.event_to_kernel.observe(0.04)
+    metrics.drift_checks.labels("unchanged").inc()
     return metrics
 
 
@@ -97,7 +98,9 @@ README_METRICS = {
     "np_agent_syncs_total": ("counter", set()),
     "np_agent_errors_total": ("counter", {"stage"}),
     "np_agent_set_elements": ("gauge", set()),
+    "np_agent_drift_checks_total": ("counter", {"result"}),
     "np_agent_transaction_seconds": ("histogram", set()),
+    "np_agent_cni_seconds": ("histogram", {"command", "code"}),
     "np_agent_event_to_kernel_seconds": ("histogram", set()),
 }
 
@@ -115,14 +118,14 @@ def test_metrics_exposition_has_every_readme_metric(server: HealthServer) -> Non
         assert family.samples, exposed
         for sample in family.samples:
             assert set(sample.labels) - {"le"} == labels, sample
-    # The CNI server's histogram (not in README's list), labelled by command and exit code.
+    # The CNI server's histogram, labelled by command and exit code.
     cni = families["np_agent_cni_seconds"]
     assert cni.type == "histogram"
     assert {(s.labels["command"], s.labels["code"]) for s in cni.samples} == {("ADD", "0")}
     # Exactly these series and no others (prometheus_client's `_created` ones are off).
     assert {s.name for f in families.values() for s in f.samples} == {
         "np_agent_objects", "np_agent_watch_events_total", "np_agent_syncs_total",
-        "np_agent_errors_total", "np_agent_set_elements",
+        "np_agent_errors_total", "np_agent_set_elements", "np_agent_drift_checks_total",
         *(f"{h}_{suffix}" for h in ("np_agent_transaction_seconds", "np_agent_cni_seconds",
                                     "np_agent_event_to_kernel_seconds")
           for suffix in ("bucket", "sum", "count"))}

@@ -187,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not cut established connections that a policy change no longer "
                         "allows (by default their conntrack entries are deleted)")
     p.add_argument("--resync-interval", type=float, default=60.0, metavar="SECONDS",
-                   help="how often the kernel table is listed and drift repaired "
-                        "(default: %(default)s)")
+                   help="how often the kernel is checked for drift (someone else editing "
+                        "table inet np-nft) and drift repaired: free while nothing committed "
+                        "to nftables (ruleset generation), else the table is listed in a "
+                        "thread of its own, never delaying events (default: %(default)s)")
     p.add_argument("--watch-timeout", type=int, default=300, metavar="SECONDS",
                    help="server-side length of one watch; a connection silent for this plus "
                         "30 s is considered dead (default: %(default)s)")

@@ -15,11 +15,13 @@ difference and sends it as one atomic batch:
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from np_agent.memory import release
+from np_agent.nft.generation import ruleset_generation
 from np_agent.nft.libnft import Nft
 from np_agent.ruleset import (
     ADDRESS_TYPES,
@@ -296,6 +298,12 @@ class Dataplane:
     def __init__(self, nft: Nft | None = None) -> None:
         self.nft = nft or Nft()
         self._applied: KernelTable | None = None  # the kernel after our last transaction
+        self._desired: Ruleset | None = None  # what that transaction enforced
+        # The kernel's ruleset generation when it last held exactly ``_applied`` (None:
+        # unknown), and a counter of reconciles: a drift check that overlaps one is void.
+        self._generation: int | None = None
+        self._version = 0
+        self._lock = threading.Lock()
 
     def read(self, desired: Ruleset) -> KernelTable | None:
         objects = self.nft.list_table(desired.family, desired.table)
@@ -308,6 +316,7 @@ class Dataplane:
         (``added``/``removed``: set -> key -> comment, relative to the last ``desired``)
         spares the full diff when nothing needs verifying."""
         t0 = time.perf_counter()
+        generation = _generation_or_none()  # before listing: a later commit is not missed
         use_cache = self._applied is not None and not verify
         current = self._applied if use_cache else self.read(desired)
         t1 = time.perf_counter()
@@ -320,21 +329,69 @@ class Dataplane:
             try:
                 self.nft.transaction(p.commands)
             except Exception:
-                self._applied = None  # unknown now: the next reconcile lists the kernel
+                with self._lock:
+                    self._applied, self._generation = None, None  # unknown: list next time
+                    self._version += 1
                 raise
+            after = _generation_or_none()
+            # Ours only if nobody else committed in between; otherwise unknown.
+            generation = after if None not in (generation, after) and (
+                after == generation + 1) else None
+        elif not use_cache and current is None:
+            generation = None
         t3 = time.perf_counter()
         if p.added + p.removed > BIG_CHANGE:
             release()
-        if use_cache and delta is not None and self._applied is not None:
-            for name, items in delta.removed.items():
-                for key in items:
-                    self._applied.sets[name].elements.pop(key, None)
-            for name, items in delta.added.items():
-                self._applied.sets[name].elements.update(items)
-        else:
-            self._applied = expected_table(desired)
+        with self._lock:
+            if use_cache and delta is not None and self._applied is not None:
+                for name, items in delta.removed.items():
+                    for key in items:
+                        self._applied.sets[name].elements.pop(key, None)
+                for name, items in delta.added.items():
+                    self._applied.sets[name].elements.update(items)
+            else:
+                self._applied = expected_table(desired)
+            self._desired = desired
+            if generation is not None or not use_cache:
+                self._generation = generation
+            self._version += 1
         return ApplyResult(p.added, p.removed, p.rewritten_chains, p.rebuild,
                            t1 - t0, t2 - t1, t3 - t2)
+
+    def known_generation(self) -> int | None:
+        """The ruleset generation at which the kernel last held exactly what we applied."""
+        with self._lock:
+            return self._generation
+
+    def check_drift(self) -> bool | None:
+        """Does the kernel still hold what our last reconcile left? Meant for another thread
+        than the one that reconciles: it never blocks a sync for longer than a comparison.
+
+        If the ruleset generation has not moved since the kernel was last known to match, the
+        answer is no without listing anything. Otherwise our table is listed (in a context of
+        its own) and diffed against the last desired ruleset. True: drift (someone edited our
+        table: a verified reconcile repairs it); False: none; None: unknown (nothing applied
+        yet, or a reconcile ran meanwhile: ask again later).
+        """
+        with self._lock:
+            desired, version, known = self._desired, self._version, self._generation
+        if desired is None:
+            return None
+        generation = _generation_or_none()
+        if generation is not None and generation == known:
+            return False
+        try:
+            current = self.read(desired)
+            # the plan always re-declares the table; anything more is a repair
+            drift = current is None or len(plan(desired, current).commands) > 1
+        except RuntimeError:  # the compiler's live element dicts moved under us
+            return None
+        with self._lock:
+            if self._version != version:
+                return None
+            if not drift:
+                self._generation = generation  # cheap again until the next commit anywhere
+        return drift
 
     def remove(self, family: str, table: str) -> bool:
         """Delete our table (uninstall). Returns False when there was none."""
@@ -342,3 +399,11 @@ class Dataplane:
             return False
         self.nft.transaction([{"delete": {"table": {"family": family, "name": table}}}])
         return True
+
+
+def _generation_or_none() -> int | None:
+    """The ruleset generation, or None where it cannot be read (drift checks then list)."""
+    try:
+        return ruleset_generation()
+    except OSError:
+        return None
