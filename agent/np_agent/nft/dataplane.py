@@ -316,8 +316,12 @@ class Dataplane:
         (``added``/``removed``: set -> key -> comment, relative to the last ``desired``)
         spares the full diff when nothing needs verifying."""
         t0 = time.perf_counter()
-        generation = _generation_or_none()  # before listing: a later commit is not missed
         use_cache = self._applied is not None and not verify
+        # Read before listing (a commit after it then shows as a new generation). Never read
+        # right after our own commit: the kernel answers GETGEN only once that commit's
+        # deferred clean-up is done (~15 ms on the hot path); the next drift check lists
+        # once instead, off the hot path.
+        generation = None if use_cache else _generation_or_none()
         current = self._applied if use_cache else self.read(desired)
         t1 = time.perf_counter()
         if use_cache and delta is not None:
@@ -325,7 +329,8 @@ class Dataplane:
         else:
             p = plan(desired, current)
         t2 = time.perf_counter()
-        if p.added or p.removed or p.rewritten_chains or p.rebuild:
+        committed = bool(p.added or p.removed or p.rewritten_chains or p.rebuild)
+        if committed:
             try:
                 self.nft.transaction(p.commands)
             except Exception:
@@ -333,12 +338,6 @@ class Dataplane:
                     self._applied, self._generation = None, None  # unknown: list next time
                     self._version += 1
                 raise
-            after = _generation_or_none()
-            # Ours only if nobody else committed in between; otherwise unknown.
-            generation = after if None not in (generation, after) and (
-                after == generation + 1) else None
-        elif not use_cache and current is None:
-            generation = None
         t3 = time.perf_counter()
         if p.added + p.removed > BIG_CHANGE:
             release()
@@ -352,7 +351,9 @@ class Dataplane:
             else:
                 self._applied = expected_table(desired)
             self._desired = desired
-            if generation is not None or not use_cache:
+            if committed:
+                self._generation = None
+            elif not use_cache:  # listed, and the kernel already held it all
                 self._generation = generation
             self._version += 1
         return ApplyResult(p.added, p.removed, p.rewritten_chains, p.rebuild,
