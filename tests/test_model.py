@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 
 import pytest
@@ -146,3 +147,19 @@ def test_one_bad_object_does_not_affect_others(tmp_path):
 def test_missing_manifest_path_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_manifests([tmp_path / "nope"])
+
+
+def test_replicas_share_one_label_map():
+    """Pods with the same labels hold one shared, read-only map (memory at 150,000 pods)."""
+    def pod(name: str, labels: dict[str, str]) -> dict:
+        return {"kind": "Pod", "metadata": {"name": name, "namespace": "x", "labels": labels},
+                "spec": {"containers": []}}
+
+    a = parse_pod(pod("a", {"app": "web", "pod-template-hash": "5d8f"}))
+    b = parse_pod(pod("b", {"pod-template-hash": "5d8f", "app": "web"}))
+    c = parse_pod(pod("c", {"app": "db"}))
+    assert a.labels == b.labels == {"app": "web", "pod-template-hash": "5d8f"}
+    assert a.labels == dict(b.labels) and a.labels != c.labels
+    assert gc.get_referents(a.labels)[0] is gc.get_referents(b.labels)[0]
+    with pytest.raises(TypeError):
+        a.labels["app"] = "x"  # type: ignore[index]

@@ -8,6 +8,8 @@ object is rejected at one place with an error that names the object and the fiel
 from __future__ import annotations
 
 import ipaddress
+import sys
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,6 +34,31 @@ class ModelError(ValueError):
 
 Labels = Mapping[str, str]
 EMPTY_LABELS: Labels = MappingProxyType({})
+
+
+class _LabelMap(dict):
+    """A label map shared by every pod that has the same labels (weak-referenceable)."""
+
+    __slots__ = ("__weakref__",)
+
+
+# Replicas of a Deployment carry the same labels: one dict for all of them, not one each (a
+# cluster of 150,000 pods has a few thousand distinct label maps). Keys and values are
+# interned strings. Entries go away with the last pod that uses them.
+_SHARED_LABELS: weakref.WeakValueDictionary[tuple[tuple[str, str], ...], _LabelMap] = (
+    weakref.WeakValueDictionary())
+
+
+def shared_labels(labels: Mapping[str, str]) -> Labels:
+    """A read-only view of the one shared copy of these labels."""
+    if not labels:
+        return EMPTY_LABELS
+    key = tuple(sorted(labels.items()))
+    shared = _SHARED_LABELS.get(key)
+    if shared is None:
+        shared = _LabelMap((sys.intern(k), sys.intern(v)) for k, v in key)
+        _SHARED_LABELS[key] = shared
+    return MappingProxyType(shared)
 
 
 @dataclass(frozen=True)
@@ -296,7 +323,7 @@ def parse_namespace(obj: Mapping[str, Any]) -> Namespace:
 
 def parse_pod(obj: Mapping[str, Any]) -> Pod:
     namespace, name, ctx = _metadata(obj, "Pod", namespaced=True)
-    labels = ctx.labels(obj["metadata"].get("labels"), "metadata.labels")
+    labels = shared_labels(ctx.labels(obj["metadata"].get("labels"), "metadata.labels"))
     spec = ctx.mapping(obj.get("spec"), "spec")
     status = ctx.mapping(obj.get("status"), "status")
     ports = []
@@ -323,7 +350,8 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
     phase = status.get("phase") or "Pending"
     uid = obj["metadata"].get("uid") or ""
     return Pod(
-        namespace, name, labels, tuple(dict.fromkeys(ips)), ctx.string(node_name, "spec.nodeName"),
+        sys.intern(namespace), name, labels, tuple(dict.fromkeys(ips)),
+        sys.intern(ctx.string(node_name, "spec.nodeName")),
         host_network, ctx.string(phase, "status.phase"), tuple(ports),
         ctx.string(uid, "metadata.uid"),
     )
