@@ -329,14 +329,22 @@ def test_overlapping_rules_become_disjoint_elements_with_all_refs():
         policy("wide", "x", """  podSelector: {matchLabels: {pod: a}}
   ingress: [{from: [{ipBlock: {cidr: 10.244.0.0/16}}], ports: [{port: 80, endPort: 90}]}]"""),
         policy("narrow", "x", """  podSelector: {matchLabels: {pod: a}}
-  ingress: [{from: [{podSelector: {}}], ports: [{port: 85, endPort: 100}]}]"""))
+  ingress: [{from: [{ipBlock: {cidr: 10.244.0.0/20}}], ports: [{port: 85, endPort: 100}]}]"""),
+        policy("pods", "x", """  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{podSelector: {}}], ports: [{port: 85, endPort: 100}]},
+            {from: [{podSelector: {}}], ports: [{port: 95, endPort: 110}]}]"""))
     rs = layout.ruleset(compile_state(state).elements)
     _assert_disjoint(rs)
     comments = set(rs.elements[allow_ranges_set("ingress", 4)].values())
     assert any("x/narrow ingress[0]" in c and "x/wide ingress[0]" in c for c in comments)
+    ports = [c for name, items in rs.elements.items() if name.startswith("ingress-from-id")
+             for c in items.values()]
+    assert "x/pods ingress[0], x/pods ingress[1]" in ports
     assert lookup(rs, pod_ip("x", "b"), pod_ip("x", "a"), "TCP", 95)
-    assert not lookup(rs, "10.244.9.9", pod_ip("x", "a"), "TCP", 95)
-    assert lookup(rs, "10.244.9.9", pod_ip("x", "a"), "TCP", 85)
+    assert lookup(rs, pod_ip("x", "b"), pod_ip("x", "a"), "TCP", 110)
+    assert not lookup(rs, "10.244.99.9", pod_ip("x", "a"), "TCP", 95)
+    assert lookup(rs, "10.244.99.9", pod_ip("x", "a"), "TCP", 85)
+    assert lookup(rs, "10.244.9.9", pod_ip("x", "a"), "TCP", 95)
 
 
 def test_isolation_comment_names_pod_and_policies():

@@ -35,6 +35,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from np_agent.nft import layout
+from np_agent.nft.verdict import Matcher
 from np_lab.conformance import (
     ALL_CHECKS,
     MODEL_PODS,
@@ -112,19 +114,12 @@ def on_node_of(c: ConformanceCluster, ref: str) -> set[str]:
 
 def kernel_allows(c: ConformanceCluster, direction: str, peer: str, pod: str, proto: int,
                   port: int) -> bool:
-    """Whether the pod's node holds an allow element (exact or ranged) for the key
-    ``peer . pod . proto . port`` in the direction's sets (IPv4)."""
+    """Whether the sets of the pod's node, as the kernel holds them, admit the key
+    ``peer . pod . proto . port`` in the direction's chains (IPv4; the pod is isolated)."""
     table = c.kernel_table(c.node(c.pods[pod].node))
     assert table is not None
-    key = (int(ipaddress.ip_address(c.ip(peer))), int(ipaddress.ip_address(c.ip(pod))),
-           proto, port)
-    for name in (f"{direction}-allow-v4", f"{direction}-allow-ranges-v4"):
-        for elem in table.sets[name].elements:
-            (plo, phi), (qlo, qhi), eproto, (lo, hi) = elem
-            if plo <= key[0] <= phi and qlo <= key[1] <= qhi and eproto == proto and (
-                    lo <= port <= hi):
-                return True
-    return False
+    rs = layout.ruleset({name: s.elements for name, s in table.sets.items()})
+    return Matcher(rs).direction_allows(direction, 4, c.ip(pod), c.ip(peer), proto, port)
 
 
 def oracle_disagreements(c: ConformanceCluster, expectations: Mapping[Check, Reachability],
@@ -932,11 +927,18 @@ def test_sctp_rule_is_not_tcp(c: ConformanceCluster) -> None:
     r.expect_all_ingress("x/a", False)
     check(c, r)
     text = c.nft_list(c.pods["x/a"].node)
-    allow = _elements(text, "ingress-allow-v4")
     xa = c.ip("x/a")
-    for ref in ("y/a", "y/b", "y/c"):
-        assert f"{c.ip(ref)} . {xa} . sctp . 80" in allow, text
+    peers = re.search(r"map ingress-peers-v4 \{(.*?)\n\t\}", text, re.S)
+    assert peers, text
+    chains = {re.search(rf"{re.escape(c.ip(ref))} comment \"{ref}\" : goto (\S+)",
+                        peers.group(1)).group(1) for ref in ("y/a", "y/b", "y/c")}
+    assert len(chains) == 1, peers.group(1)  # the pods of y: one identity
+    allow = _elements(text, chains.pop().replace("-v4", "-ports-v4"))
+    assert f"{xa} . sctp . 80" in allow, text
     assert not re.search(rf"{re.escape(xa)} \. (tcp|udp)", allow), allow
+    for ref in MODEL_PODS:
+        assert kernel_allows(c, "ingress", ref, "x/a", 132, 80) == ref.startswith("y/"), ref
+        assert not kernel_allows(c, "ingress", ref, "x/a", 6, 80)
     assert f"{xa} comment" in _elements(text, "ingress-isolated-v4")
 
 
@@ -958,10 +960,11 @@ def test_sctp_named_port_and_range_in_kernel(c: ConformanceCluster) -> None:
     r.expect_all_egress("x/a", False)
     check(c, r)
     text = c.nft_list(c.pods["x/a"].node)
-    listed = _elements(text, "egress-allow-v4") + _elements(text, "egress-allow-ranges-v4")
+    listed = "".join(_elements(text, m.group(1))
+                     for m in re.finditer(r"set (egress-to-id\d+-ports-v4) \{", text))
     xa = re.escape(c.ip("x/a"))
-    assert re.search(rf"\. {xa} \. sctp \. 81\b", listed), text
-    assert re.search(rf"\. {xa} \. sctp \. 85-90", listed), text
+    assert re.search(rf"{xa} \. sctp \. 81\b", listed), text
+    assert re.search(rf"{xa} \. sctp \. 85-90", listed), text
     assert not re.search(r"\. (tcp|udp) \.", listed), text
     for ref in MODEL_PODS:
         for port in (80, 81, 82, 84, 85, 90, 91):

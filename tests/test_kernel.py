@@ -285,13 +285,18 @@ def test_dump_rules_text_is_what_the_kernel_lists(lab, apply, tmp_path):
     kernel = re.sub(r" counter packets \d+ bytes \d+", "", raw)  # element counters
     kernel_rules = re.sub(r"counter packets \d+ bytes \d+", "counter", raw)
     dumped = np_agent(lab, "dump-rules", "--manifests", str(tmp_path)).stdout
-    rules = [r for chain in layout.empty_ruleset().chains for r in chain.rules]
-    assert len(rules) == 35
+    identities = set(re.findall(r"set (ingress-from-id\d+-ports-v4) ", kernel))
+    assert len(identities) == 1, kernel  # every pod of x: one identity
+    ruleset = layout.ruleset({name: {} for name in identities})
+    rules = [r for chain in ruleset.chains for r in chain.rules]
+    assert len(rules) == 39 + 3
     for r in rules:  # every chain rule, in the same syntax the kernel lists
         line = f'{rule_text(r.expr)} comment "{r.comment}"'
         assert line in dumped
         assert line in kernel_rules, line
     # SCTP cannot be probed on this kernel: the rule is checked in the kernel's own listing.
-    for peer in ("10.244.0.11", "10.244.0.12", "10.244.0.10"):
-        assert f'{peer} . 10.244.0.10 . sctp . 80 comment "x/p ingress[0]"' in kernel, kernel
+    chain = identities.pop().replace("-ports-v4", "-v4")
+    for peer, ref in (("10.244.0.11", "x/b"), ("10.244.0.12", "x/c"), ("10.244.0.10", "x/a")):
+        assert f'{peer} comment "{ref}" : goto {chain}' in kernel, kernel
+    assert '10.244.0.10 . sctp . 80 comment "x/p ingress[0]"' in kernel, kernel
     assert "x/a by x/p" in kernel

@@ -22,8 +22,10 @@ from np_agent.ruleset import (
     Ruleset,
     allow_all_set,
     allow_ranges_set,
-    allow_set,
+    identity_chain,
+    identity_ports_set,
     isolated_set,
+    peer_map,
 )
 from oracle import lookup
 from test_property import random_state
@@ -112,7 +114,9 @@ def test_icmp_only_through_allow_all_and_neighbour_discovery_always():
     rs = layout.empty_ruleset()
     for version, pod, peer in ((4, "10.0.0.5", "10.0.0.6"), (6, "fd00::5", "fd00::6")):
         rs.add_element(isolated_set("ingress", version), (_ip(pod),), "")
-        rs.add_element(allow_set("ingress", version), (_ip(peer), _ip(pod), 6, (0, 0)), "")
+        chain = identity_chain("ingress", version, 1)
+        rs.add_element(peer_map("ingress", version), (_ip(peer), chain), "")
+        rs.add_element(identity_ports_set("ingress", version, 1), (_ip(pod), 6, (0, 0)), "")
     m = Matcher(rs)
     assert m.allowed("10.0.0.6", "10.0.0.5", 4, 6, 0)  # TCP to port 0 is a port like any other
     assert not m.allowed("10.0.0.6", "10.0.0.5", 4, 1, 0)  # ICMP needs allow-all

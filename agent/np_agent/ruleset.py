@@ -7,11 +7,13 @@ and its chains and their rules.
 Element keys are canonical so that what the compiler wants and what the kernel reports can be
 compared with ``==``: every address or port field is an inclusive integer interval (lo, hi),
 even when it is a single value, a protocol field is its IP protocol number, and an interface
-name field is the name.
+name field is the name. An element of a verdict map carries the chain it goes to as one more
+field at the end of its key: a pod that changes identity is one element removed and one added.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ class SetSpec:
     key_type: tuple[str, ...]
     interval: bool = False
     counter: bool = False  # per-element packet counters: dump-rules shows which rules are hit
+    verdict_map: bool = False  # a vmap: each key's last field is the chain it goes to
 
 
 @dataclass(frozen=True)
@@ -108,24 +111,62 @@ def isolated_set(direction: str, version: int) -> str:
     return f"{direction}-isolated-v{version}"
 
 
-def allow_set(direction: str, version: int) -> str:
-    """peer . pod . protocol . port, one address and one port: a hash set, O(1) to update."""
-    return f"{direction}-allow-v{version}"
-
-
 def allow_ranges_set(direction: str, version: int) -> str:
-    """peer-range . pod . protocol . port-range (CIDRs, ipBlock minus except, endPort)."""
+    """peer-range . pod . protocol . port-range: address peers (ipBlock, "every address")."""
     return f"{direction}-allow-ranges-v{version}"
 
 
 def allow_all_set(direction: str, version: int) -> str:
-    """peer . pod: rules without ports, which allow every protocol (ICMP included)."""
+    """peer-range . pod: address peers of rules without ports (every protocol, ICMP too)."""
     return f"{direction}-allow-all-v{version}"
+
+
+def peer_map(direction: str, version: int) -> str:
+    """peer pod IP -> goto the chain of its identity: pods that some policy here admits."""
+    return f"{direction}-peers-v{version}"
+
+
+def _identity_base(direction: str, version: int, ident: int) -> tuple[str, str]:
+    return f"{direction}-{'from' if direction == 'ingress' else 'to'}-id{ident}", f"v{version}"
+
+
+def identity_chain(direction: str, version: int, ident: int) -> str:
+    """What a peer identity may reach (ingress: which local pods and ports it may reach)."""
+    base, v = _identity_base(direction, version, ident)
+    return f"{base}-{v}"
+
+
+def identity_ports_set(direction: str, version: int, ident: int) -> str:
+    """pod . protocol . port-range: what one peer identity may reach, rules with ports."""
+    base, v = _identity_base(direction, version, ident)
+    return f"{base}-ports-{v}"
+
+
+def identity_all_set(direction: str, version: int, ident: int) -> str:
+    """pod: the local pods one peer identity may reach on every protocol (rules without
+    ports)."""
+    base, v = _identity_base(direction, version, ident)
+    return f"{base}-all-{v}"
+
+
+_IDENTITY_SET = re.compile(r"^(ingress|egress)-(?:from|to)-id(\d+)-(ports|all)-v([46])$")
+
+
+def identity_of_set(name: str) -> tuple[str, int, int] | None:
+    """(direction, version, identity) of an identity's set, None for any other set."""
+    m = _IDENTITY_SET.match(name)
+    return None if m is None else (m.group(1), int(m.group(4)), int(m.group(2)))
 
 
 def direction_chain(direction: str, version: int) -> str:
     """Where a new connection meets one pod's isolation and allowances, per direction."""
     return f"{direction}-v{version}"
+
+
+def cidr_chain(direction: str, version: int) -> str:
+    """Address peers (ipBlock, rules without peers), then the drop: where every identity chain
+    ends when none of its own sets holds the packet."""
+    return f"{direction}-cidrs-v{version}"
 
 
 def policy_chain(version: int) -> str:
@@ -137,5 +178,10 @@ def antispoof_chain(version: int) -> str:
 
 
 ISOLATION_SETS = frozenset(isolated_set(d, v) for d in DIRECTIONS for v in VERSIONS)
-ALLOW_SETS = frozenset(f(d, v) for f in (allow_set, allow_ranges_set, allow_all_set)
-                       for d in DIRECTIONS for v in VERSIONS)
+STATIC_ALLOW_SETS = frozenset(f(d, v) for f in (allow_ranges_set, allow_all_set, peer_map)
+                              for d in DIRECTIONS for v in VERSIONS)
+
+
+def is_allow_set(name: str) -> bool:
+    """Does this set (or map) hold allowances? Removing an element may cut connections."""
+    return name in STATIC_ALLOW_SETS or identity_of_set(name) is not None

@@ -67,8 +67,17 @@ def _render_field(ftype: str, value: Field) -> Any:
 
 
 def render_key(spec: SetSpec, key: Key) -> Any:
-    fields = [_render_field(t, v) for t, v in zip(spec.key_type, key, strict=True)]
+    """The key of an element as libnftables JSON (without a verdict map's target)."""
+    fields = [_render_field(t, v) for t, v in zip(spec.key_type, key[:len(spec.key_type)],
+                                                   strict=True)]
     return fields[0] if len(fields) == 1 else {"concat": fields}
+
+
+def render_element(spec: SetSpec, key: Key, comment: str) -> Any:
+    elem = render_key(spec, key)
+    if comment:
+        elem = {"elem": {"val": elem, "comment": comment}}
+    return [elem, {"goto": {"target": key[-1]}}] if spec.verdict_map else elem
 
 
 def _parse_field(ftype: str, value: Any) -> Field:
@@ -94,12 +103,17 @@ def _parse_field(ftype: str, value: Any) -> Field:
 def parse_element(spec: SetSpec, elem: Any) -> tuple[Key, str]:
     """One element of `nft -j list` output -> (canonical key, comment)."""
     comment = ""
+    target: tuple[str, ...] = ()
+    if isinstance(elem, list):  # a map element: [key, verdict]
+        elem, verdict = elem
+        (kind, body), = verdict.items()
+        target = (body["target"] if kind in ("goto", "jump") else kind,)
     if isinstance(elem, dict) and "elem" in elem:
         comment = elem["elem"].get("comment", "")
         elem = elem["elem"]["val"]
     values = elem["concat"] if isinstance(elem, dict) and "concat" in elem else [elem]
     key = tuple(_parse_field(t, v) for t, v in zip(spec.key_type, values, strict=True))
-    return key, comment
+    return key + target, comment
 
 
 # ------------------------------------------------------------------- what the kernel holds
@@ -110,6 +124,7 @@ class KernelSet:
     key_type: tuple[str, ...]
     interval: bool
     elements: dict[Key, str]
+    verdict_map: bool = False
 
 
 @dataclass
@@ -129,12 +144,13 @@ class KernelTable:
 def read_table(objects: list[dict[str, Any]]) -> KernelTable:
     table = KernelTable()
     for obj in objects:
-        if "set" in obj:
-            s = obj["set"]
+        if "set" in obj or "map" in obj:
+            s = obj.get("set") or obj["map"]
             ktype = tuple(s["type"]) if isinstance(s["type"], list) else (s["type"],)
             spec = SetSpec(s["name"], ktype)
             elements = dict(parse_element(spec, e) for e in s.get("elem", []))
-            table.sets[s["name"]] = KernelSet(ktype, "interval" in s.get("flags", []), elements)
+            table.sets[s["name"]] = KernelSet(ktype, "interval" in s.get("flags", []), elements,
+                                              s.get("map") == "verdict")
         elif "chain" in obj:
             c = obj["chain"]
             table.chains[c["name"]] = KernelChain(c.get("hook"), c.get("prio"), c.get("policy"))
@@ -154,6 +170,11 @@ class Plan:
     removed: int = 0
     rewritten_chains: list[str] = field(default_factory=list)
     rebuild: bool = False
+    structural: bool = False  # sets or chains added, removed or rewritten
+
+    @property
+    def commits(self) -> bool:
+        return bool(self.added or self.removed or self.structural)
 
 
 class _Builder:
@@ -172,7 +193,12 @@ class _Builder:
             decl["flags"] = ["interval"]
         if spec.counter:
             decl["stmt"] = [{"counter": None}]
+        if spec.verdict_map:
+            return {"map": {**decl, "map": "verdict"}}
         return {"set": decl}
+
+    def set_ref(self, spec: SetSpec) -> dict[str, Any]:
+        return {"map" if spec.verdict_map else "set": {**self.ident, "name": spec.name}}
 
     def chain_decl(self, chain: ChainSpec) -> dict[str, Any]:
         decl: dict[str, Any] = {**self.ident, "name": chain.name}
@@ -187,8 +213,7 @@ class _Builder:
     def elements(self, verb: str, spec: SetSpec, items: dict[Key, str]) -> list[dict[str, Any]]:
         if not items:
             return []
-        elems = [{"elem": {"val": render_key(spec, k), "comment": c}} if c
-                 else render_key(spec, k) for k, c in items.items()]
+        elems = [render_element(spec, k, c) for k, c in items.items()]
         return [{verb: {"element": {**self.ident, "name": spec.name, "elem": elems}}}]
 
 
@@ -196,15 +221,23 @@ def expected_table(rs: Ruleset) -> KernelTable:
     """What the kernel holds right after `rs` was applied: the agent's memory of its last
     transaction, so that steady-state reconciles need not list tens of thousands of elements."""
     return KernelTable(
-        sets={n: KernelSet(s.key_type, s.interval, dict(rs.elements.get(n, {})))
-              for n, s in rs.sets.items()},
-        chains={c.name: KernelChain(c.hook, c.priority if c.is_base else None,
-                                    c.policy if c.is_base else None,
-                                    [r.comment for r in c.rules]) for c in rs.chains})
+        sets={n: _expected_set(rs, s) for n, s in rs.sets.items()},
+        chains={c.name: _expected_chain(c) for c in rs.chains})
+
+
+def _expected_set(rs: Ruleset, spec: SetSpec) -> KernelSet:
+    return KernelSet(spec.key_type, spec.interval, dict(rs.elements.get(spec.name, {})),
+                     spec.verdict_map)
+
+
+def _expected_chain(c: ChainSpec) -> KernelChain:
+    return KernelChain(c.hook, c.priority if c.is_base else None, c.policy if c.is_base else None,
+                       [r.comment for r in c.rules])
 
 
 def _set_compatible(spec: SetSpec, have: KernelSet) -> bool:
-    return have.key_type == spec.key_type and have.interval == spec.interval
+    return (have.key_type == spec.key_type and have.interval == spec.interval
+            and have.verdict_map == spec.verdict_map)
 
 
 def _chain_current(chain: ChainSpec, have: KernelChain) -> bool:
@@ -224,54 +257,72 @@ def plan(desired: Ruleset, current: KernelTable | None) -> Plan:
             for name, spec in desired.sets.items())
         or any(c.name in current.chains and not _base_compatible(c, current.chains[c.name])
                for c in desired.chains))
-    cmds: list[dict[str, Any]] = []
-    if rebuild:
-        cmds.append({"delete": b.table()})
-        current = None
-    have = current or KernelTable()
-    result = Plan(cmds, rebuild=rebuild)
-    cmds.append({"add": b.table()})
-
-    rewrite = [c for c in desired.chains
-               if c.name in have.chains and not _chain_current(c, have.chains[c.name])]
-    cmds.extend({"flush": {"chain": {**b.ident, "name": c.name}}} for c in rewrite)
-    wanted_chains = {c.name for c in desired.chains}
-    for name in have.chains.keys() - wanted_chains:  # left by an older layout
-        cmds.append({"flush": {"chain": {**b.ident, "name": name}}})
-        cmds.append({"delete": {"chain": {**b.ident, "name": name}}})
-    for name in have.sets.keys() - desired.sets.keys():
-        cmds.append({"delete": {"set": {**b.ident, "name": name}}})
-    cmds.extend({"add": b.set_decl(s)} for s in desired.sets.values() if s.name not in have.sets)
-    cmds.extend({"add": b.chain_decl(c)} for c in desired.chains if c.name not in have.chains)
-
-    for name, spec in desired.sets.items():
+    have = KernelTable() if rebuild or current is None else current
+    stale: dict[str, dict[Key, str]] = {}
+    missing: dict[str, dict[Key, str]] = {}
+    for name in desired.sets:
         want = desired.elements.get(name, {})
         got = have.sets[name].elements if name in have.sets else {}
-        stale = {k: c for k, c in got.items() if want.get(k) != c}
-        missing = {k: c for k, c in want.items() if got.get(k) != c}
-        cmds.extend(b.elements("delete", spec, stale))
-        cmds.extend(b.elements("add", spec, missing))
-        result.removed += len(stale)
-        result.added += len(missing)
-
-    for chain in desired.chains:
-        if chain.name not in have.chains or chain in rewrite:
-            cmds.extend(b.rules(chain))
-            result.rewritten_chains.append(chain.name)
+        stale[name] = {k: c for k, c in got.items() if want.get(k) != c}
+        missing[name] = {k: c for k, c in want.items() if got.get(k) != c}
+    rewrite = [c for c in desired.chains
+               if c.name in have.chains and not _chain_current(c, have.chains[c.name])]
+    result = _batch(b, rebuild, stale, missing,
+                    new_sets=[s for s in desired.sets.values() if s.name not in have.sets],
+                    gone_sets=[SetSpec(n, k.key_type, verdict_map=k.verdict_map)
+                               for n, k in sorted(have.sets.items()) if n not in desired.sets],
+                    new_chains=[c for c in desired.chains if c.name not in have.chains],
+                    gone_chains=sorted(have.chains.keys() - {c.name for c in desired.chains}),
+                    rewrite=rewrite)
     return result
 
 
-def plan_delta(desired: Ruleset, added: dict[str, dict[Key, str]],
+def plan_delta(desired: Ruleset, previous: Ruleset, added: dict[str, dict[Key, str]],
                removed: dict[str, dict[Key, str]]) -> Plan:
-    """The batch for known element changes (an element whose comment changed is in both)."""
+    """The batch for known element changes (an element whose comment changed is in both),
+    with the sets and chains that came or went since ``previous`` (identities)."""
     b = _Builder(desired)
+    old_chains = {c.name for c in previous.chains}
+    new_chains = {c.name for c in desired.chains}
+    return _batch(b, False, {n: items for n, items in removed.items() if n in desired.sets},
+                  added,
+                  new_sets=[s for n, s in desired.sets.items() if n not in previous.sets],
+                  gone_sets=[s for n, s in previous.sets.items() if n not in desired.sets],
+                  new_chains=[c for c in desired.chains if c.name not in old_chains],
+                  gone_chains=sorted(old_chains - new_chains), rewrite=[])
+
+
+def _batch(b: _Builder, rebuild: bool, stale: dict[str, dict[Key, str]],
+           missing: dict[str, dict[Key, str]], *, new_sets: list[SetSpec],
+           gone_sets: list[SetSpec], new_chains: list[ChainSpec], gone_chains: list[str],
+           rewrite: list[ChainSpec]) -> Plan:
+    """One batch, in the order the kernel accepts it: a map element that goes to a chain is
+    deleted before the chain, a chain that refers to a set is flushed before the set goes,
+    and sets and chains exist before the rules and elements that refer to them."""
+    sets = b.rs.sets
     cmds: list[dict[str, Any]] = []
-    for name, items in removed.items():
-        cmds.extend(b.elements("delete", desired.sets[name], items))
-    for name, items in added.items():
-        cmds.extend(b.elements("add", desired.sets[name], items))
-    return Plan(cmds, added=sum(map(len, added.values())),
-                removed=sum(map(len, removed.values())))
+    if rebuild:
+        cmds.append({"delete": b.table()})
+    cmds.append({"add": b.table()})
+    for name, items in stale.items():
+        cmds.extend(b.elements("delete", sets[name], items))
+    cmds.extend({"flush": {"chain": {**b.ident, "name": c.name}}} for c in rewrite)
+    for name in gone_chains:  # identities gone, or left by an older layout
+        cmds.append({"flush": {"chain": {**b.ident, "name": name}}})
+    for name in gone_chains:
+        cmds.append({"delete": {"chain": {**b.ident, "name": name}}})
+    cmds.extend({"delete": b.set_ref(spec)} for spec in gone_sets)
+    cmds.extend({"add": b.set_decl(s)} for s in new_sets)
+    cmds.extend({"add": b.chain_decl(c)} for c in new_chains)
+    for chain in (*new_chains, *rewrite):
+        cmds.extend(b.rules(chain))
+    for name, items in missing.items():
+        cmds.extend(b.elements("add", sets[name], items))
+    return Plan(cmds, added=sum(map(len, missing.values())),
+                removed=sum(map(len, stale.values())),
+                rewritten_chains=[c.name for c in (*new_chains, *rewrite)], rebuild=rebuild,
+                structural=bool(rebuild or new_sets or gone_sets or new_chains or gone_chains
+                                or rewrite))
 
 
 # ------------------------------------------------------------------- apply
@@ -325,11 +376,12 @@ class Dataplane:
         current = self._applied if use_cache else self.read(desired)
         t1 = time.perf_counter()
         if use_cache and delta is not None:
-            p = plan_delta(desired, delta.added, delta.removed)
+            assert self._desired is not None  # use_cache: something was applied
+            p = plan_delta(desired, self._desired, delta.added, delta.removed)
         else:
             p = plan(desired, current)
         t2 = time.perf_counter()
-        committed = bool(p.added or p.removed or p.rewritten_chains or p.rebuild)
+        committed = p.commits
         if committed:
             try:
                 self.nft.transaction(p.commands)
@@ -343,11 +395,7 @@ class Dataplane:
             release()
         with self._lock:
             if use_cache and delta is not None and self._applied is not None:
-                for name, items in delta.removed.items():
-                    for key in items:
-                        self._applied.sets[name].elements.pop(key, None)
-                for name, items in delta.added.items():
-                    self._applied.sets[name].elements.update(items)
+                _apply_delta(self._applied, desired, delta)
             else:
                 self._applied = expected_table(desired)
             self._desired = desired
@@ -400,6 +448,28 @@ class Dataplane:
             return False
         self.nft.transaction([{"delete": {"table": {"family": family, "name": table}}}])
         return True
+
+
+def _apply_delta(table: KernelTable, desired: Ruleset, delta: Any) -> None:
+    """What the kernel holds after ``delta`` was applied to ``table`` (sets and chains of
+    identities that came or went included)."""
+    for name in table.sets.keys() - desired.sets.keys():
+        del table.sets[name]
+    wanted = {c.name: c for c in desired.chains}
+    for name in table.chains.keys() - wanted.keys():
+        del table.chains[name]
+    for name, chain in wanted.items():
+        if name not in table.chains:
+            table.chains[name] = _expected_chain(chain)
+    for name, items in delta.removed.items():
+        if name in table.sets:
+            for key in items:
+                table.sets[name].elements.pop(key, None)
+    for name, spec in desired.sets.items():
+        if name not in table.sets:
+            table.sets[name] = KernelSet(spec.key_type, spec.interval, {}, spec.verdict_map)
+    for name, items in delta.added.items():
+        table.sets[name].elements.update(items)
 
 
 def _generation_or_none() -> int | None:

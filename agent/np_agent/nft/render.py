@@ -83,6 +83,8 @@ def _match(m: dict[str, Any]) -> str:
 
 
 def _verdict_map(v: dict[str, Any]) -> str:
+    if isinstance(v["data"], str):  # a named map: "@name"
+        return f"{_operand(v['key'])} vmap {v['data']}"
     pairs = ", ".join(f"{k} : {_statement(d)}" for k, d in v["data"]["set"])
     return f"{_operand(v['key'])} vmap {{ {pairs} }}"
 
@@ -118,8 +120,13 @@ def _field_text(ftype: str, value: Any) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def element_text(spec: SetSpec, key: Key) -> str:
-    return " . ".join(_field_text(t, v) for t, v in zip(spec.key_type, key, strict=True))
+def element_text(spec: SetSpec, key: Key, comment: str = "") -> str:
+    """One element as nft lists it (a verdict map's target after the comment)."""
+    fields = key[:len(spec.key_type)]
+    text = " . ".join(_field_text(t, v) for t, v in zip(spec.key_type, fields, strict=True))
+    if comment:
+        text += f' comment "{comment}"'
+    return f"{text} : goto {key[-1]}" if spec.verdict_map else text
 
 
 
@@ -127,16 +134,16 @@ def element_text(spec: SetSpec, key: Key) -> str:
 def ruleset_text(rs: Ruleset) -> str:
     lines = [f"table {rs.family} {rs.table} {{"]
     for spec in rs.sets.values():
-        lines.append(f"\tset {spec.name} {{")
-        lines.append(f"\t\ttype {' . '.join(spec.key_type)}")
+        kind, data = ("map", " : verdict") if spec.verdict_map else ("set", "")
+        lines.append(f"\t{kind} {spec.name} {{")
+        lines.append(f"\t\ttype {' . '.join(spec.key_type)}{data}")
         if spec.interval:
             lines.append("\t\tflags interval")
         if spec.counter:
             lines.append("\t\tcounter")
         elements = rs.elements.get(spec.name, {})
         if elements:
-            items = [f'{element_text(spec, k)} comment "{c}"' if c else element_text(spec, k)
-                     for k, c in sorted(elements.items())]
+            items = [element_text(spec, k, c) for k, c in sorted(elements.items())]
             lines.append("\t\telements = { " + ",\n\t\t\t     ".join(items) + " }")
         lines.append("\t}\n")
     for chain in rs.chains:

@@ -6,17 +6,17 @@ the connections that are no longer allowed itself and cut them (see ``conntrack.
 that it needs the same verdict the kernel would give a new connection under the new ruleset,
 without asking the kernel packet by packet: that is this module.
 
-The walk mirrors ``layout._direction_chain`` and ``layout._policy_chain``: egress on the
-source, then ingress on the destination; per direction, a pod that is not in the isolated set
-is open, otherwise one of the exact set, the ranges set or the allow-all set must hold the
-peer-first key ``peer . pod . proto . port`` (``peer . pod`` for allow-all). IPv6 neighbour
-discovery is accepted before either direction is looked at.
+The walk mirrors the chains of ``layout``: egress on the source, then ingress on the
+destination; per direction, a pod that is not in the isolated set is open; otherwise the peer
+map sends a peer pod to its identity's chain, whose sets hold ``pod . proto . port`` (or just
+``pod``, every protocol), and then, as in the kernel, the address-range sets (``peer . pod .
+proto . port`` and ``peer . pod``) are looked at. IPv6 neighbour discovery is accepted before
+either direction is looked at.
 
-It must answer tens of thousands of queries against tens of thousands of elements quickly, so
-the elements are indexed once: exact elements in a hash set keyed on the exact tuple (what the
-kernel's hash set does), ranged elements grouped by pod address (the second key field, always
-one address when the compiler wrote it) and protocol, allow-all elements by pod address, so a
-query only scans the elements of the pod it is about.
+It must answer tens of thousands of queries quickly, so the elements are indexed once: the
+peer map as a dict, identity elements and ranged elements grouped by pod address (always one
+address when the compiler wrote it) and protocol, so a query only scans the elements of the
+pod it is about.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ from np_agent.ruleset import (
     Ruleset,
     allow_all_set,
     allow_ranges_set,
-    allow_set,
+    identity_chain,
+    identity_of_set,
+    identity_ports_set,
     isolated_set,
+    peer_map,
 )
 
 # ICMPv6 neighbour discovery (router/neighbour solicitation and advertisement): policy-v6
@@ -48,15 +51,31 @@ PortBox = tuple[int, int, int, int]
 
 
 @dataclass
+class _Identity:
+    """The two sets of one peer identity: pod -> protocol -> port intervals, and pods."""
+
+    ports: dict[tuple[int, int], list[Interval]] = field(
+        default_factory=lambda: defaultdict(list))
+    wide_ports: list[tuple[Interval, int, Interval]] = field(default_factory=list)
+    all: list[Interval] = field(default_factory=list)
+
+    def allows(self, pod: int, proto: int, port: int) -> bool:
+        if any(lo <= port <= hi for lo, hi in self.ports.get((pod, proto), ())):
+            return True
+        if any(p[0] <= pod <= p[1] and pr == proto and s[0] <= port <= s[1]
+               for p, pr, s in self.wide_ports):
+            return True
+        return any(lo <= pod <= hi for lo, hi in self.all)
+
+
+@dataclass
 class _Direction:
-    """The four sets of one direction and one IP version, indexed for lookups."""
+    """The sets of one direction and one IP version, indexed for lookups."""
 
     isolated: set[int] = field(default_factory=set)
     isolated_ranges: list[Interval] = field(default_factory=list)
-    exact: set[tuple[int, int, int, int]] = field(default_factory=set)  # peer, pod, proto, port
-    # The hash set's own elements, looked up as they are rather than indexed again: it is
-    # the big one (tens of thousands), and building a matcher must stay cheap.
-    exact_keys: Mapping[Key, str] = field(default_factory=dict)
+    peers: dict[int, str] = field(default_factory=dict)  # peer pod IP -> identity chain
+    identities: dict[str, _Identity] = field(default_factory=lambda: defaultdict(_Identity))
     ranges: dict[tuple[int, int], list[PortBox]] = field(
         default_factory=lambda: defaultdict(list))  # (pod, proto) -> boxes
     # Elements whose pod field is itself a range: the compiler never writes them, but the
@@ -72,15 +91,28 @@ class _Direction:
         else:
             self.isolated_ranges.append((lo, hi))
 
-    def add_port_element(self, key: Key) -> None:
-        """An element of the exact or the ranges set: both are ``peer . pod . proto . port``.
+    def add_peer(self, key: Key) -> None:
+        lo, _ = _interval(key[0])
+        target = key[-1]
+        assert isinstance(target, str)
+        self.peers[lo] = target
 
-        Which set it came from does not change the verdict, only how it is best indexed."""
+    def add_identity_ports(self, chain: str, key: Key) -> None:
+        pod, proto, port = _interval(key[0]), key[1], _interval(key[2])
+        assert isinstance(proto, int)
+        ident = self.identities[chain]
+        if pod[0] == pod[1]:
+            ident.ports[(pod[0], proto)].append(port)
+        else:
+            ident.wide_ports.append((pod, proto, port))
+
+    def add_identity_all(self, chain: str, key: Key) -> None:
+        self.identities[chain].all.append(_interval(key[0]))
+
+    def add_port_element(self, key: Key) -> None:
+        """An element of the ranges set: ``peer . pod . proto . port``."""
         peer, pod, proto, port = (_interval(key[0]), _interval(key[1]), key[2], _interval(key[3]))
         assert isinstance(proto, int)
-        if peer[0] == peer[1] and pod[0] == pod[1] and port[0] == port[1]:
-            self.exact.add((peer[0], pod[0], proto, port[0]))
-            return
         box = (peer[0], peer[1], port[0], port[1])
         if pod[0] == pod[1]:
             self.ranges[(pod[0], proto)].append(box)
@@ -98,11 +130,13 @@ class _Direction:
         return pod in self.isolated or any(lo <= pod <= hi for lo, hi in self.isolated_ranges)
 
     def allows(self, pod: int, peer: int, proto: int, port: int) -> bool:
-        """The direction chain for one packet: open, or some allow set holds its key."""
+        """The direction's chains for one packet: open, or the peer's identity chain or an
+        address-range set holds its key."""
         if not self.is_isolated(pod):
             return True
-        if ((peer, peer), (pod, pod), proto, (port, port)) in self.exact_keys or (
-                (peer, pod, proto, port) in self.exact):
+        chain = self.peers.get(peer)
+        if chain is not None and chain in self.identities and (
+                self.identities[chain].allows(pod, proto, port)):
             return True
         if any(_in_box(box, peer, port) for box in self.ranges.get((pod, proto), ())):
             return True
@@ -143,23 +177,36 @@ class Matcher:
     """
 
     def __init__(self, ruleset: Ruleset) -> None:
-        self._dirs: dict[tuple[str, int], _Direction] = {}
-        for version in (4, 6):
-            for direction in DIRECTIONS:
-                self._dirs[(direction, version)] = self._index(ruleset, direction, version)
+        self._dirs: dict[tuple[str, int], _Direction] = {
+            (d, v): _Direction() for v in (4, 6) for d in DIRECTIONS}
+        for name, items in ruleset.elements.items():
+            self._index(name, items)
 
-    @staticmethod
-    def _index(ruleset: Ruleset, direction: str, version: int) -> _Direction:
-        d = _Direction()
-        elements = ruleset.elements
-        for key in elements.get(isolated_set(direction, version), {}):
-            d.add_isolated(key)
-        d.exact_keys = elements.get(allow_set(direction, version), {})
-        for key in elements.get(allow_ranges_set(direction, version), {}):
-            d.add_port_element(key)
-        for key in elements.get(allow_all_set(direction, version), {}):
-            d.add_allow_all(key)
-        return d
+    def _index(self, name: str, items: Mapping[Key, str]) -> None:
+        ident = identity_of_set(name)
+        if ident is not None:
+            direction, version, number = ident
+            d = self._dirs[(direction, version)]
+            chain = identity_chain(direction, version, number)
+            add = (d.add_identity_ports if name == identity_ports_set(*ident)
+                   else d.add_identity_all)
+            for key in items:
+                add(chain, key)
+            return
+        for (direction, version), d in self._dirs.items():
+            adder = {isolated_set(direction, version): d.add_isolated,
+                     peer_map(direction, version): d.add_peer,
+                     allow_ranges_set(direction, version): d.add_port_element,
+                     allow_all_set(direction, version): d.add_allow_all}.get(name)
+            if adder is not None:
+                for key in items:
+                    adder(key)
+                return
+
+    def direction_allows(self, direction: str, version: int, pod: Address, peer: Address,
+                         proto: int, dport: int) -> bool:
+        """One direction's chains alone: is ``pod`` (open, or) allowed to or from ``peer``?"""
+        return self._dirs[(direction, version)].allows(_as_int(pod), _as_int(peer), proto, dport)
 
     def isolated(self, addr: Address, version: int) -> bool:
         """Is this address isolated in either direction (a pod some policy selects)?"""

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from np_agent.nft.verdict import Matcher
-from np_agent.ruleset import ALLOW_SETS, ISOLATION_SETS, Delta, Ruleset
+from np_agent.ruleset import ISOLATION_SETS, Delta, Ruleset, is_allow_set
 
 log = logging.getLogger("np_agent.conntrack")
 
@@ -438,7 +438,7 @@ class ConntrackCutter:
         threading.Thread(target=self._run, name="conntrack", daemon=True).start()
 
     def __call__(self, ruleset: Ruleset, delta: Delta) -> None:
-        lost = any(name in ALLOW_SETS for name in delta.removed) or any(
+        lost = any(is_allow_set(name) for name in delta.removed) or any(
             name in ISOLATION_SETS for name in delta.added)
         if not lost:
             return

@@ -1,21 +1,25 @@
 """NetworkPolicy -> nftables set elements for one node. Pure: no kernel, no network.
 
-For every pod of this node that some policy selects, and for each direction it is isolated in,
-the compiler emits:
+For every pod of this node that some policy selects, and for each direction it is isolated in:
 
-* the pod's IPs into ``<direction>-isolated-v4/v6``;
-* for rules with ports, ``peer . pod . protocol . port`` into ``<direction>-allow-v4/v6`` when
-  the peer is one address and the port one number (a hash set), and otherwise
-  ``peer-interval . pod . protocol . port-interval`` boxes into ``<direction>-allow-ranges-*``,
-  made disjoint per (pod, protocol) because interval sets refuse overlaps;
-* ``peer-interval . pod`` into ``<direction>-allow-all-v4/v6`` for rules without ports.
+* the pod's IPs go into ``<direction>-isolated-v4/v6``;
+* peers that are pods are allowed by *identity* (policy.identity): every pod that a rule of
+  this node's policies admits belongs to the class of pods those rules treat alike; the
+  class's sets hold ``local pod . protocol . port`` (``<direction>-from-id<N>-ports-vX``) or
+  just the local pod for rules without ports (``...-all-vX``), and each peer pod is one element
+  of ``<direction>-peers-vX``, its IP -> its class's chain. A replica more is one element;
+* peers that are addresses (ipBlock, and "every address" for rules without from/to) go into
+  ``<direction>-allow-ranges-*`` (``peer-range . pod . protocol . port-range``, made disjoint
+  per (pod, protocol) because interval sets refuse overlaps) and ``<direction>-allow-all-*``.
 
-The union of elements *is* the OR of peers, rules and policies, so a packet needs one lookup
-per set however many policies there are. Element comments name the policy rules behind them.
+The union of elements *is* the OR of peers, rules and policies, so a packet needs a constant
+number of lookups however many policies there are. Element comments name the policy rules
+behind them.
 
-``NodeCompiler`` keeps what each policy contributes to each local pod, so a change recomputes
-only the (pod, policy) pairs it can affect: a pod's label change re-resolves the policies that
-could select it as a peer, not every policy; a policy change touches only the pods it selects.
+``NodeCompiler`` recomputes, per change, only the units it can affect: a local pod's own
+elements (isolation and address peers), an identity's sets, a peer pod's map element. Every
+unit's elements are placed as a whole and diffed, so one change is one delta (one atomic
+transaction): no packet ever sees a pod half moved between identities.
 ``compile_state`` is the same machinery run once over a whole cluster state.
 """
 
@@ -26,9 +30,28 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from np_agent.policy.identity import EMPTY, Identities, RuleKey, SigItem, Signature
 from np_agent.policy.intervals import Interval, Rect, Refs, disjoint_boxes, union
-from np_agent.policy.model import EGRESS, INGRESS, ClusterState, Namespace, NetworkPolicy, Pod, Rule
-from np_agent.policy.peers import Index, Target, egress_named, port_interval, resolve_peers
+from np_agent.policy.model import (
+    EGRESS,
+    INGRESS,
+    ClusterState,
+    Labels,
+    LabelSelector,
+    Namespace,
+    NetworkPolicy,
+    Pod,
+    PolicyPort,
+    Rule,
+)
+from np_agent.policy.peers import (
+    FULL_RANGE,
+    Index,
+    Target,
+    egress_named,
+    port_interval,
+    resolve_peer,
+)
 from np_agent.ruleset import (
     PROTO_NUMBERS,
     Delta,
@@ -36,8 +59,11 @@ from np_agent.ruleset import (
     Key,
     allow_all_set,
     allow_ranges_set,
-    allow_set,
+    identity_all_set,
+    identity_chain,
+    identity_ports_set,
     isolated_set,
+    peer_map,
     pod_ifaces_set,
 )
 from np_cni.shared.endpoints import Endpoint
@@ -89,28 +115,58 @@ def is_local(pod: Pod, node_name: str | None) -> bool:
     return node_name is None or pod.node_name == node_name
 
 
-# ------------------------------------------------------------------ one policy, one pod
+
+# ------------------------------------------------------------------ rules and their peers
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One pod-selecting peer of a rule: which namespaces (a selector, or just the policy's
+    own when None) and which pods in them (None: all)."""
+
+    namespaces: LabelSelector | None
+    pods: LabelSelector | None
 
 
 @dataclass
-class _Contribution:
-    """What one policy allows one local pod in one direction, keyed on the pod's own IPs."""
+class _Key:
+    """A rule of a policy that selects local pods, with pod peers: what pods it admits."""
 
-    exact: dict[Element, Refs] = field(default_factory=dict)
-    ranged: dict[tuple[str, int, Interval], list[Rect]] = field(default_factory=dict)
-    any: dict[Element, list[tuple[Interval, Refs]]] = field(default_factory=dict)
+    policy: NetworkPolicy
+    direction: str  # "ingress" | "egress"
+    rule: Rule
+    terms: tuple[_Term, ...]
+    named: tuple[PolicyPort, ...]  # egress named ports: resolved on each peer pod
+    locals: set[str] = field(default_factory=set)  # the local pods it allows
+    namespaces: set[str] = field(default_factory=set)  # where its peers can be
+
+    def same_peers(self, other: _Key) -> bool:
+        return (self.terms, self.named, self.policy.namespace) == (
+            other.terms, other.named, other.policy.namespace)
 
 
-def _groups_of(c: _Contribution) -> set[tuple]:
-    """The element groups of a pod a contribution feeds: what must be re-assembled."""
-    return ({("ranged", *k) for k in c.ranged} | {("any", *k) for k in c.any})
-
-
-def _my_addresses(pod: Pod) -> dict[int, list[Interval]]:
-    out: dict[int, list[Interval]] = defaultdict(list)
-    for ip in pod.ips:
-        out[ip.version].append((int(ip), int(ip)))
+def _rule_keys(policy: NetworkPolicy) -> list[tuple[RuleKey, _Key]]:
+    out = []
+    for direction, key in DIRECTIONS:
+        if direction not in policy.policy_types:
+            continue
+        for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
+            terms = tuple(_Term(p.namespace_selector, p.pod_selector)
+                          for p in rule.peers if p.ip_block is None)
+            if not terms:
+                continue
+            named = tuple(p for p in rule.ports if isinstance(p.port, str)) if (
+                direction == EGRESS) else ()
+            out.append(((policy.ref, key, i), _Key(policy, key, rule, terms, named)))
     return out
+
+
+def _address_targets(index: Index, policy: NetworkPolicy, rule: Rule) -> list[Target]:
+    """The peers of a rule that are addresses: ipBlocks, or every address without from/to."""
+    if not rule.peers:
+        return [Target(v, FULL_RANGE[v]) for v in (4, 6)]
+    return [t for peer in rule.peers if peer.ip_block is not None
+            for t in resolve_peer(index, policy, peer)]
 
 
 def _rule_boxes(index: Index, pod: Pod, direction: str, rule: Rule,
@@ -133,32 +189,8 @@ def _rule_boxes(index: Index, pod: Pod, direction: str, rule: Rule,
     return out
 
 
-def contribution(index: Index, pod: Pod, direction: str, policy: NetworkPolicy) -> _Contribution:
-    key = "ingress" if direction == INGRESS else "egress"
-    mine = _my_addresses(pod)
-    exact_set = {v: allow_set(key, v) for v in (4, 6)}
-    ranges_set = {v: allow_ranges_set(key, v) for v in (4, 6)}
-    c = _Contribution()
-    exact = c.exact
-    for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
-        refs = frozenset([f"{policy.ref} {key}[{i}]"])
-        targets = resolve_peers(index, policy, rule)
-        if not rule.ports:
-            for t in targets:
-                for me in mine.get(t.version, ()):
-                    c.any.setdefault((allow_all_set(key, t.version), me), []).append(
-                        (t.interval, refs))
-            continue
-        for version, proto, peer, span in _rule_boxes(index, pod, direction, rule, targets):
-            for me in mine.get(version, ()):
-                if peer[0] == peer[1] and span[0] == span[1]:
-                    el = (exact_set[version], (peer, me, proto, span))
-                    have = exact.get(el)
-                    exact[el] = refs if have is None or have == refs else have | refs
-                else:
-                    c.ranged.setdefault((ranges_set[version], proto, me), []).append(
-                        (peer, span, refs))
-    return c
+def _refs(policy: NetworkPolicy, key: str, i: int) -> Refs:
+    return frozenset([f"{policy.ref} {key}[{i}]"])
 
 
 # ------------------------------------------------------------------ the node
@@ -175,22 +207,32 @@ class NodeCompiler:
         self._raw: dict[str, Pod] = {}  # pods with np-cni's IPs applied
         self._ip_claims: dict[object, set[str]] = defaultdict(set)  # IP -> raw pods with it
         self._effective: dict[str, Pod] = {}  # the same, each IP kept by one pod only
-        self._contrib: dict[str, dict[tuple[str, str], _Contribution]] = {}
-        self._targets: dict[str, set[str]] = defaultdict(set)  # policy ref -> local pod refs
-        self._exact: dict[Element, dict[str, int]] = {}  # element -> policy rule -> count
-        self._owned: dict[tuple, dict[Element, str]] = {}  # owner -> non-exact elements placed
-        self._claims: dict[Element, dict[tuple, str]] = {}  # element -> owner -> comment
-        self._groups: dict[str, set[tuple]] = defaultdict(set)  # pod ref -> its element groups
-        self._dirty_groups: dict[str, set[tuple]] = defaultdict(set)
-        self._exact_dirty: set[Element] = set()
-        self._before: dict[Element, str | None] = {}  # first value of each touched element
+        self._wired_refs: dict[str, list[Endpoint]] = defaultdict(list)
         self._index: Index | None = None
         self._by_ns: dict[str, dict[str, NetworkPolicy]] = defaultdict(dict)
+        # local pod -> the policies selecting it (as they were when it was attached)
+        self._selected: dict[str, dict[str, NetworkPolicy]] = {}
+        self._targets: dict[str, set[str]] = defaultdict(set)  # policy ref -> local pods
+        self._keys: dict[RuleKey, _Key] = {}
+        self._terms: dict[str, dict[RuleKey, list[_Term]]] = defaultdict(dict)  # by namespace
+        self._memo: dict[str, dict[tuple[int, tuple], tuple[Labels, Signature]]] = (
+            defaultdict(dict))
+        self.identities = Identities()
+        self._named_dependents: set[str] = set()  # local pods with egress named ipBlock ports
+        self._seen_ns: set[str] = set()  # namespaces whose peer terms are computed
+        self._owned: dict[tuple, dict[Element, str]] = {}  # unit -> elements placed
+        self._claims: dict[Element, dict[tuple, str]] = {}  # element -> unit -> comment
+        self._before: dict[Element, str | None] = {}  # first value of each touched element
         self._full = True
         self._changed_pods: set[str] = set()
         self._changed_policies: dict[str, NetworkPolicy | None] = {}
         self._changed_ns: dict[str, Namespace | None] = {}
         self._endpoints_changed = False
+        # what this update must recompute
+        self._dirty_locals: set[str] = set()
+        self._dirty_ids: set[int] = set()
+        self._dirty_maps: set[str] = set()
+        self._resign: set[str] = set()
 
     # ---------------------------------------------------------------- inputs
 
@@ -230,6 +272,9 @@ class NodeCompiler:
                 if ep is not None:
                     self._changed_pods.add(ep.pod_ref)
         self.endpoints = new
+        self._wired_refs = defaultdict(list)
+        for ep in new.values():
+            self._wired_refs[ep.pod_ref].append(ep)
         self._endpoints_changed = True
 
     def replace_state(self, state: ClusterState) -> None:
@@ -243,81 +288,49 @@ class NodeCompiler:
     def update(self) -> Delta:
         """Bring the elements up to date with every input since the last call."""
         if self._full:
-            self._recompute_all()
-        else:
-            self._recompute_changes()
-        self._changed_pods.clear()
+            self._reset()
+        changed_pods = self._refresh_pods(set(self.state.pods) if self._full
+                                          else self._changed_pods)
+        self._update_index(changed_pods)
+        self._update_selection(changed_pods)
+        self._update_namespaces(changed_pods)
+        self._resign.update(changed_pods)
+        self._dirty_maps.update(changed_pods)
+        self._assign_identities()
+        for ref in sorted(self._dirty_ids):
+            self._identity_unit(ref)
+        for ref in self._dirty_maps:
+            self._map_unit(ref)
+        for ref in self._dirty_locals:
+            self._local_unit(ref)
+        if self._endpoints_changed or changed_pods or self._full:
+            self._endpoints_unit()
+        for dirty in (self._dirty_locals, self._dirty_ids, self._dirty_maps, self._resign,
+                      self._changed_pods):
+            dirty.clear()
         self._changed_policies.clear()
         self._changed_ns.clear()
         self._endpoints_changed = False
         self._full = False
-        self._flush_exact()
         return self._take_delta()
 
-    def _recompute_all(self) -> None:
+    def _reset(self) -> None:
+        """Before a full recomputation: every unit is placed again from nothing."""
         self._raw, self._effective, self._ip_claims = {}, {}, defaultdict(set)
-        self._refresh_pods(set(self.state.pods))
-        self._index = Index(self._effective.values(), self.state.namespaces)
+        self._index = None
         self._by_ns = defaultdict(dict)
         for policy in self.state.policies.values():
             self._by_ns[policy.namespace][policy.ref] = policy
-        for ref in list(self._contrib):
-            self._drop_pod(ref)
-        for ref in list(self._groups):
-            self._assemble(ref)
-        for ref in self._local_refs():
-            self._rebuild_pod(ref)
-        self._assemble_endpoints()
+        self._selected, self._targets, self._keys = {}, defaultdict(set), {}
+        self._terms, self._memo = defaultdict(dict), defaultdict(dict)
+        self.identities.reset()
+        self._named_dependents = set()
+        for unit in list(self._owned):
+            self._place(unit, {})
+        self._changed_policies.clear()  # every policy is looked at anyway
+        self._changed_ns.clear()
 
-    def _recompute_changes(self) -> None:
-        old_pods = self._refresh_pods(self._changed_pods)
-        if self._changed_ns or self._index is None:
-            self._index = Index(self._effective.values(), self.state.namespaces)
-        else:
-            for ref, old in old_pods.items():
-                if old is not None:
-                    self._index.remove_pod(old)
-                new = self._effective.get(ref)
-                if new is not None:
-                    self._index.add_pod(new)
-        index = self._require_index()
-        pairs: set[tuple[str, str]] = set()
-        full: set[str] = set()
-        for ref, old in old_pods.items():
-            new = self._effective.get(ref)
-            full.add(ref)
-            for policy in self.state.policies.values():
-                if any(p is not None and self._peer_relevant(policy, p) for p in (old, new)):
-                    pairs.update((t, policy.ref) for t in self._targets.get(policy.ref, ()))
-        for name, old_ns in self._changed_ns.items():
-            labels = [n.labels for n in (old_ns, self.state.namespaces.get(name)) if n]
-            labels.append(index.namespace(name).labels)
-            for policy in self.state.policies.values():
-                if self._ns_relevant(policy, labels):
-                    pairs.update((t, policy.ref) for t in self._targets.get(policy.ref, ()))
-        for ref, old_policy in self._changed_policies.items():
-            new_policy = self.state.policies.get(ref)
-            pairs.update((t, ref) for t in self._targets.get(ref, ()))
-            for pol in (old_policy, new_policy):
-                if pol is None:
-                    continue
-                for pod in index.pods_by_ns.get(pol.namespace, {}).values():
-                    if self._is_target(pod) and pol.pod_selector.matches(pod.labels):
-                        pairs.add((pod.ref, ref))
-        for ref in full:
-            if self._is_target_ref(ref):
-                self._rebuild_pod(ref)
-            else:
-                self._drop_pod(ref)
-                self._assemble(ref)
-        for pod_ref, policy_ref in pairs - {(p, q) for p, q in pairs if p in full}:
-            self._recompute_pair(pod_ref, policy_ref)
-        for pod_ref in {p for p, _ in pairs} - full:
-            self._assemble(pod_ref)
-        if self._endpoints_changed or old_pods:
-            self._assemble_endpoints()
-
-    # ---------------------------------------------------------------- pods and pairs
+    # ---------------------------------------------------------------- pods
 
     def _refresh_pods(self, refs: set[str]) -> dict[str, Pod | None]:
         """Recompute the effective pods of ``refs`` (and of pods sharing an IP with them);
@@ -340,7 +353,7 @@ class NodeCompiler:
             for ip in self._claimed(raw):
                 self._ip_claims[ip].add(ref)
                 affected |= self._ip_claims[ip]
-        wired = {e.pod_ref for e in self.endpoints.values()}
+        wired = self._wired_refs
         changed: dict[str, Pod | None] = {}
         for ref in affected:
             raw = self._raw.get(ref)
@@ -364,8 +377,8 @@ class NodeCompiler:
         return pod.ips if pod is not None and pod.is_enforceable else ()
 
     def _wired(self, ref: str, pod: Pod) -> list[Endpoint]:
-        return [e for e in self.endpoints.values() if e.pod_ref == ref
-                and not (pod.uid and e.uid and pod.uid != e.uid)]
+        return [e for e in self._wired_refs.get(ref, ())
+                if not (pod.uid and e.uid and pod.uid != e.uid)]
 
     def _effective_pod(self, ref: str) -> Pod | None:
         pod = self.state.pods.get(ref)
@@ -381,103 +394,353 @@ class NodeCompiler:
         return pod.is_enforceable and (is_local(pod, self.node_name)
                                        or bool(self._wired(pod.ref, pod)))
 
-    def _is_target_ref(self, ref: str) -> bool:
-        pod = self._effective.get(ref)
-        return pod is not None and self._is_target(pod)
-
     def _local_refs(self) -> list[str]:
-        return sorted(r for r, p in self._effective.items() if self._is_target(p))
+        return sorted(self._selected_or_targets())
+
+    def _selected_or_targets(self) -> set[str]:
+        return {r for r, p in self._effective.items() if self._is_target(p)}
 
     def _require_index(self) -> Index:
         if self._index is None:
             self._index = Index(self._effective.values(), self.state.namespaces)
         return self._index
 
+    def _update_index(self, changed: dict[str, Pod | None]) -> None:
+        if self._index is None:
+            self._require_index()
+            return
+        if self._changed_ns:
+            self._index.namespaces = self.state.namespaces
+            self._index.forget_namespaces()
+        for ref, old in changed.items():
+            if old is not None:
+                self._index.remove_pod(old)
+            new = self._effective.get(ref)
+            if new is not None:
+                self._index.add_pod(new)
+
+    # ---------------------------------------------------------------- selection
+
+    def _update_selection(self, changed: dict[str, Pod | None]) -> None:
+        """Which policies select which local pods; the rules those policies hold become
+        this node's keys (what signatures are made of)."""
+        index = self._require_index()
+        if self._full:
+            check = self._selected_or_targets()
+        else:
+            check = {r for r in changed if r in self._selected or self._target_ref(r)}
+            for ref, old in self._changed_policies.items():
+                check |= self._targets.get(ref, set())
+                new = self.state.policies.get(ref)
+                for pol in (old, new):
+                    if pol is not None:
+                        check |= {p.ref for p in index.pods_by_ns.get(pol.namespace, {}).values()
+                                  if self._is_target(p) and pol.pod_selector.matches(p.labels)}
+            if changed and self._named_dependents and any(
+                    p is not None and p.ports
+                    for p in (*changed.values(), *(self._effective.get(r) for r in changed))):
+                self._dirty_locals |= self._named_dependents
+        removed: dict[RuleKey, _Key] = {}
+        added: dict[RuleKey, _Key] = {}
+        for ref in check:
+            for policy in self._selected.pop(ref, {}).values():
+                self._detach(ref, policy, removed)
+        for ref in check:
+            pod = self._effective.get(ref)
+            if pod is None or not self._is_target(pod):
+                continue
+            self._selected[ref] = {p.ref: p for p in self._selecting(pod)}
+            for policy in self._selected[ref].values():
+                self._attach(ref, policy, added)
+        self._dirty_locals |= check
+        for k in removed.keys() | added.keys():
+            old, new = removed.get(k), added.get(k)
+            if old is not None and new is not None and old.same_peers(new):
+                new.namespaces = old.namespaces
+                for ns in new.namespaces:
+                    self._terms[ns][k] = self._terms_for(new, ns)
+                continue
+            if old is not None:
+                self._drop_key(k, old)
+            if new is not None:
+                self._add_key(k, new)
+
+    def _target_ref(self, ref: str) -> bool:
+        pod = self._effective.get(ref)
+        return pod is not None and self._is_target(pod)
+
     def _selecting(self, pod: Pod) -> list[NetworkPolicy]:
         return [p for p in self._by_ns.get(pod.namespace, {}).values()
                 if p.pod_selector.matches(pod.labels)]
 
-    def _rebuild_pod(self, ref: str) -> None:
-        self._drop_pod(ref)
-        pod = self._effective[ref]
-        self._contrib[ref] = {}
-        for policy in self._selecting(pod):
-            self._set_pair(pod, policy)
-        self._assemble(ref)
+    def _detach(self, ref: str, policy: NetworkPolicy, removed: dict[RuleKey, _Key]) -> None:
+        self._targets[policy.ref].discard(ref)
+        if not self._targets[policy.ref]:
+            del self._targets[policy.ref]
+        for k, _ in _rule_keys(policy):
+            info = self._keys.get(k)
+            if info is None:
+                continue
+            info.locals.discard(ref)
+            self._dirty_ids |= self.identities.by_key.get(k, set())
+            if not info.locals:
+                del self._keys[k]
+                removed[k] = info
 
-    def _drop_pod(self, ref: str) -> None:
-        for (policy_ref, _), c in self._contrib.pop(ref, {}).items():
-            self._targets[policy_ref].discard(ref)
-            self._count_exact(c, -1)
-            self._dirty_groups[ref] |= _groups_of(c)
+    def _attach(self, ref: str, policy: NetworkPolicy, added: dict[RuleKey, _Key]) -> None:
+        self._targets[policy.ref].add(ref)
+        for k, fresh in _rule_keys(policy):
+            info = self._keys.get(k)
+            if info is None:
+                info = self._keys[k] = added[k] = fresh
+            info.locals.add(ref)
+            self._dirty_ids |= self.identities.by_key.get(k, set())
 
-    def _set_pair(self, pod: Pod, policy: NetworkPolicy) -> None:
+    # ---------------------------------------------------------------- keys and terms
+
+    def _key_namespaces(self, info: _Key) -> set[str]:
         index = self._require_index()
-        self._targets[policy.ref].add(pod.ref)
-        pairs = self._contrib[pod.ref]
-        for direction, _ in DIRECTIONS:
-            old = pairs.pop((policy.ref, direction), None)
-            new = (contribution(index, pod, direction, policy)
-                   if direction in policy.policy_types else None)
-            if new is not None:
-                pairs[(policy.ref, direction)] = new
-            self._swap_exact(old, new)
-            for c in (old, new):
-                if c is not None and (c.ranged or c.any):
-                    self._dirty_groups[pod.ref] |= _groups_of(c)
+        out: set[str] = set()
+        for term in info.terms:
+            if term.namespaces is None:
+                out.add(info.policy.namespace)
+            else:
+                out.update(index.namespaces_matching(term.namespaces))
+        return out
 
-    def _recompute_pair(self, pod_ref: str, policy_ref: str) -> None:
-        pairs = self._contrib.get(pod_ref)
-        if pairs is None:
+    def _terms_for(self, info: _Key, ns: str) -> list[_Term]:
+        labels = self._require_index().namespace(ns).labels
+        return [t for t in info.terms if (info.policy.namespace == ns if t.namespaces is None
+                                          else t.namespaces.matches(labels))]
+
+    def _add_key(self, k: RuleKey, info: _Key) -> None:
+        info.namespaces = self._key_namespaces(info)
+        for ns in info.namespaces:
+            self._terms[ns][k] = self._terms_for(info, ns)
+            self._memo.pop(ns, None)
+            self._resign_namespace(ns)
+
+    def _drop_key(self, k: RuleKey, info: _Key) -> None:
+        for ns in info.namespaces:
+            terms = self._terms.get(ns)
+            if terms is not None:
+                terms.pop(k, None)
+                if not terms:
+                    del self._terms[ns]
+            self._memo.pop(ns, None)
+        for number in self.identities.by_key.get(k, set()):
+            self._resign |= self.identities.by_number[number].members
+
+    def _resign_namespace(self, ns: str) -> None:
+        if not self._full:
+            self._resign.update(self._require_index().pods_by_ns.get(ns, {}))
+
+    def _update_namespaces(self, changed: dict[str, Pod | None]) -> None:
+        """A namespace's labels changed (or pods appeared in one not seen before): which keys'
+        peers it holds may have too."""
+        if self._full:
+            self._seen_ns = set(self.state.namespaces) | set(self._require_index().pods_by_ns)
             return
-        pod = self._effective.get(pod_ref)
-        policy = self.state.policies.get(policy_ref)
-        if pod is not None and policy is not None and policy.namespace == pod.namespace and (
-                policy.pod_selector.matches(pod.labels)):
-            self._set_pair(pod, policy)
-            return
-        for direction, _ in DIRECTIONS:
-            old = pairs.pop((policy_ref, direction), None)
-            if old is not None:
-                self._swap_exact(old, None)
-                self._dirty_groups[pod_ref] |= _groups_of(old)
-        self._targets[policy_ref].discard(pod_ref)
+        names = set(self._changed_ns)
+        for ref in changed:
+            pod = self._effective.get(ref)
+            if pod is not None and pod.namespace not in self._seen_ns:
+                names.add(pod.namespace)
+        self._seen_ns |= names
+        for ns in names:
+            terms: dict[RuleKey, list[_Term]] = {}
+            for k, info in self._keys.items():
+                mine = self._terms_for(info, ns)
+                if mine:
+                    terms[k] = mine
+                    info.namespaces.add(ns)
+                else:
+                    info.namespaces.discard(ns)
+            if terms:
+                self._terms[ns] = terms
+            else:
+                self._terms.pop(ns, None)
+            self._memo.pop(ns, None)
+            self._resign_namespace(ns)
 
-    # ---------------------------------------------------------------- which changes matter
+    # ---------------------------------------------------------------- identities
 
-    def _peer_relevant(self, policy: NetworkPolicy, pod: Pod) -> bool:
-        """Could this pod be one of the policy's peers (before or after a change)?"""
-        for direction, rules in ((INGRESS, policy.ingress), (EGRESS, policy.egress)):
-            for rule in rules:
-                named = direction == EGRESS and pod.ports and any(
-                    isinstance(p.port, str) for p in rule.ports)
-                if not rule.peers:
-                    if named:
-                        return True
+    def _signature(self, pod: Pod) -> Signature:
+        """The rules here that admit this pod as a peer (memoised per namespace and label
+        map: replicas share theirs)."""
+        if not pod.is_enforceable:
+            return EMPTY
+        terms = self._terms.get(pod.namespace)
+        if not terms:
+            return EMPTY
+        memo = self._memo[pod.namespace]
+        mkey = (id(pod.labels), pod.ports)
+        hit = memo.get(mkey)
+        if hit is not None and hit[0] is pod.labels:
+            return hit[1]
+        labels = pod.labels
+        items: list[SigItem] = []
+        for k, kterms in terms.items():
+            if any(t.pods is None or t.pods.matches(labels) for t in kterms):
+                named = self._keys[k].named
+                items.append((k, tuple(pod.named_port(p.port, p.protocol)  # type: ignore[arg-type]
+                                       for p in named) if named else None))
+        sig = frozenset(items)
+        existing = self.identities.by_signature.get(sig)
+        if existing is not None:
+            sig = existing.signature  # one frozenset per class
+        memo[mkey] = (labels, sig)
+        return sig
+
+    def _assign_identities(self) -> None:
+        refs = self._effective.keys() if self._full else self._resign
+        changes = {}
+        for ref in refs:
+            pod = self._effective.get(ref)
+            changes[ref] = EMPTY if pod is None else self._signature(pod)
+        touched, moved = self.identities.assign(changes)
+        self._dirty_ids |= touched
+        self._dirty_maps |= moved
+
+    def _identity_unit(self, number: int) -> None:
+        """The two sets of an identity, per direction and version: what its members may reach
+        on this node."""
+        ident = self.identities.by_number.get(number)
+        wanted: dict[Element, str] = {}
+        if ident is not None:
+            ports: dict[tuple[str, Interval, int], list[tuple[Interval, Refs]]] = (
+                defaultdict(list))
+            every: dict[Element, set[str]] = defaultdict(set)
+            for k, named in ident.signature:
+                self._identity_rule(number, k, named, ports, every)
+            for (name, me, proto), items in ports.items():
+                for span, refs in union(items):
+                    wanted[(name, (me, proto, span))] = comment_for(refs)
+            for el, refs in every.items():
+                wanted[el] = comment_for(refs)
+            chains = frozenset((d, v) for d in ("ingress", "egress") for v in (4, 6)
+                               if any(el[0] in (identity_ports_set(d, v, number),
+                                                identity_all_set(d, v, number))
+                                      for el in wanted))
+            if chains != ident.chains:
+                ident.chains = chains
+                self._dirty_maps |= ident.members
+        self._place(("id", number), wanted)
+
+    def _identity_rule(self, number: int, k: RuleKey, named: tuple[int | None, ...] | None,
+                       ports: dict, every: dict) -> None:
+        info = self._keys[k]
+        d = info.direction
+        refs = _refs(info.policy, d, k[2])
+        for ref in info.locals:
+            pod = self._effective.get(ref)
+            if pod is None:
+                continue
+            for ip in pod.ips:
+                v, me = ip.version, (int(ip), int(ip))
+                if not info.rule.ports:
+                    every[(identity_all_set(d, v, number), (me,))] |= refs
                     continue
-                for peer in rule.peers:
-                    if peer.ip_block is not None:
-                        if named and any(ip in peer.ip_block.cidr for ip in pod.ips
-                                         if ip.version == peer.ip_block.cidr.version):
-                            return True
-                        continue
-                    if peer.namespace_selector is None:
-                        if pod.namespace != policy.namespace:
+                resolved = iter(named or ())
+                for port in info.rule.ports:
+                    if isinstance(port.port, str):
+                        number_ = (pod.named_port(port.port, port.protocol) if d == "ingress"
+                                   else next(resolved))
+                        if number_ is None:
                             continue
-                    elif not peer.namespace_selector.matches(self._ns_labels(pod.namespace)):
-                        continue  # namespace label changes are handled on their own
-                    if peer.pod_selector is None or peer.pod_selector.matches(pod.labels):
-                        return True
-        return False
+                        span = (number_, number_)
+                    else:
+                        span = port_interval(port)
+                    proto = PROTO_NUMBERS[port.protocol.lower()]
+                    ports[(identity_ports_set(d, v, number), me, proto)].append((span, refs))
 
-    def _ns_labels(self, name: str) -> object:
-        return self._require_index().namespace(name).labels
+    def _map_unit(self, ref: str) -> None:
+        """A peer pod's elements in the peer maps: its IPs -> its identity's chains."""
+        wanted: dict[Element, str] = {}
+        ident = self.identities.of_pod.get(ref)
+        pod = self._effective.get(ref)
+        if ident is not None and pod is not None:
+            for ip in pod.ips:
+                for d, v in ident.chains:
+                    if v == ip.version:
+                        wanted[(peer_map(d, v), ((int(ip), int(ip)),
+                                                 identity_chain(d, v, ident.number)))] = ref
+        self._place(("map", ref), wanted)
 
-    @staticmethod
-    def _ns_relevant(policy: NetworkPolicy, labels: list) -> bool:
-        return any(peer.namespace_selector is not None and any(
-            peer.namespace_selector.matches(lab) for lab in labels)
-            for rule in (*policy.ingress, *policy.egress) for peer in rule.peers)
+    # ---------------------------------------------------------------- local pods
+
+    def _local_unit(self, ref: str) -> None:
+        """A local pod's isolation, and what address peers (ipBlocks, every address) may do."""
+        pod = self._effective.get(ref)
+        selected = self._selected.get(ref, {})
+        wanted: dict[Element, str] = {}
+        self._named_dependents.discard(ref)
+        if pod is not None and selected:
+            index = self._require_index()
+            ranged: dict[tuple[str, int, Interval], list[Rect]] = defaultdict(list)
+            every: dict[tuple[str, Interval], list[tuple[Interval, Refs]]] = defaultdict(list)
+            for direction, key in DIRECTIONS:
+                policies = sorted(p.ref for p in selected.values()
+                                  if direction in p.policy_types)
+                for ip in pod.ips if policies else ():
+                    wanted[(isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
+                        comment_for(policies, f"{ref} by "))
+                for policy in selected.values():
+                    if direction in policy.policy_types:
+                        self._address_rules(index, pod, policy, direction, ranged, every)
+            for (name, proto, me), rects in ranged.items():
+                for peer, span, refs in disjoint_boxes(rects):
+                    wanted[(name, (peer, me, proto, span))] = comment_for(refs)
+            for (name, me), items in every.items():
+                for peer, refs in union(items):
+                    wanted[(name, (peer, me))] = comment_for(refs)
+        self._place(("pod", ref), wanted)
+
+    def _address_rules(self, index: Index, pod: Pod, policy: NetworkPolicy, direction: str,
+                       ranged: dict, every: dict) -> None:
+        key = "ingress" if direction == INGRESS else "egress"
+        mine: dict[int, list[Interval]] = defaultdict(list)
+        for ip in pod.ips:
+            mine[ip.version].append((int(ip), int(ip)))
+        for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
+            targets = _address_targets(index, policy, rule)
+            if not targets:
+                continue
+            refs = _refs(policy, key, i)
+            if not rule.ports:
+                for t in targets:
+                    for me in mine.get(t.version, ()):
+                        every[(allow_all_set(key, t.version), me)].append((t.interval, refs))
+                continue
+            if direction == EGRESS and any(isinstance(p.port, str) for p in rule.ports):
+                self._named_dependents.add(pod.ref)  # named ports of pods inside the ranges
+            for version, proto, peer, span in _rule_boxes(index, pod, direction, rule, targets):
+                for me in mine.get(version, ()):
+                    ranged[(allow_ranges_set(key, version), proto, me)].append(
+                        (peer, span, refs))
+
+    def _endpoints_unit(self) -> None:
+        wanted: dict[Element, str] = {}
+        for ep in self.endpoints.values():
+            for text in ep.ips:
+                ip = ipaddress.ip_address(text)
+                wanted[(pod_ifaces_set(ip.version),
+                        (ep.host_if, (int(ip), int(ip))))] = ep.pod_ref
+        for ep in self._pending():  # isolated both ways, nothing allowed: denied until known
+            for text in ep.ips:
+                ip = ipaddress.ip_address(text)
+                for key in ("ingress", "egress"):
+                    wanted[(isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
+                        f"{ep.pod_ref} (Pod not known yet)")
+        self._place(("~endpoints",), wanted)
+
+    def _pending(self) -> list[Endpoint]:
+        out = []
+        for ep in self.endpoints.values():
+            pod = self.state.pods.get(ep.pod_ref)
+            if pod is None or (pod.uid and ep.uid and pod.uid != ep.uid):
+                out.append(ep)
+        return out
 
     # ---------------------------------------------------------------- elements
 
@@ -493,53 +756,17 @@ class NodeCompiler:
         self._touch(el)
         self.elements[el[0]].pop(el[1], None)
 
-    def _count_exact(self, c: _Contribution, sign: int) -> None:
-        self._count(c.exact.items(), sign)
+    def _place(self, unit: tuple, wanted: dict[Element, str]) -> None:
+        """Make ``unit``'s elements exactly ``wanted``.
 
-    def _swap_exact(self, old: _Contribution | None, new: _Contribution | None) -> None:
-        """Replace a contribution's exact elements, counting only what differs: a policy
-        re-resolved after one peer changed keeps nearly all of its elements."""
-        before = old.exact if old is not None else {}
-        after = new.exact if new is not None else {}
-        self._count(((el, refs) for el, refs in before.items() if after.get(el) != refs), -1)
-        self._count(((el, refs) for el, refs in after.items() if before.get(el) != refs), +1)
-
-    def _count(self, items: Iterable[tuple[Element, Refs]], sign: int) -> None:
-        exact, dirty = self._exact, self._exact_dirty
-        for el, refs in items:
-            counts = exact.get(el)
-            if counts is None:
-                counts = exact[el] = {}
-            for r in refs:
-                n = counts.get(r, 0) + sign
-                if n:
-                    counts[r] = n
-                else:
-                    del counts[r]
-            dirty.add(el)
-
-    def _flush_exact(self) -> None:
-        """Comments of the exact elements whose refs changed, computed once per update."""
-        for el in self._exact_dirty:
-            counts = self._exact.get(el)
-            if counts:
-                self._put(el, comment_for(counts))
-            else:
-                self._exact.pop(el, None)
-                self._drop(el)
-        self._exact_dirty.clear()
-
-    def _place(self, owner: tuple, wanted: dict[Element, str]) -> None:
-        """Make ``owner``'s non-exact elements exactly ``wanted``.
-
-        An element may be claimed by two owners for a moment (a pod handing its IP over to
+        An element may be claimed by two units for a moment (a pod handing its IP over to
         another, in whichever order they are recomputed): claims are counted, and the element
         goes only when nobody claims it.
         """
-        old = self._owned.pop(owner, {})
+        old = self._owned.pop(unit, {})
         for el in old.keys() - wanted.keys():
             claims = self._claims[el]
-            del claims[owner]
+            del claims[unit]
             if claims:
                 self._put(el, claims[min(claims)])
             else:
@@ -548,66 +775,10 @@ class NodeCompiler:
         for el, comment in wanted.items():
             if old.get(el) != comment:
                 claims = self._claims.setdefault(el, {})
-                claims[owner] = comment
+                claims[unit] = comment
                 self._put(el, claims[min(claims)])
         if wanted:
-            self._owned[owner] = wanted
-
-    def _assemble(self, ref: str) -> None:
-        """Isolation elements of one pod, and its ranged and allow-all groups whose
-        contributions changed (the others stay as they are: a big pod has thousands)."""
-        pod = self._effective.get(ref)
-        pairs = self._contrib.get(ref, {})
-        iso: dict[Element, str] = {}
-        if pod is not None:
-            for direction, key in DIRECTIONS:
-                policies = sorted(p for p, d in pairs if d == direction)
-                for ip in pod.ips if policies else ():
-                    iso[(isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
-                        comment_for(policies, f"{ref} by "))
-        self._place((ref, ("iso",)), iso)
-        for group in self._dirty_groups.pop(ref, set()):
-            wanted: dict[Element, str] = {}
-            if group[0] == "ranged":
-                _, name, proto, me = group
-                rects = [r for c in pairs.values() for r in c.ranged.get((name, proto, me), ())]
-                for peer, span, refs in disjoint_boxes(rects):
-                    wanted[(name, (peer, me, proto, span))] = comment_for(refs)
-            else:
-                _, name, me = group
-                items = [i for c in pairs.values() for i in c.any.get((name, me), ())]
-                for peer, refs in union(items):
-                    wanted[(name, (peer, me))] = comment_for(refs)
-            self._place((ref, group), wanted)
-            if wanted:
-                self._groups[ref].add(group)
-            else:
-                self._groups[ref].discard(group)
-        if not self._groups.get(ref):
-            self._groups.pop(ref, None)
-
-    def _pending(self) -> list[Endpoint]:
-        out = []
-        for ep in self.endpoints.values():
-            pod = self.state.pods.get(ep.pod_ref)
-            if pod is None or (pod.uid and ep.uid and pod.uid != ep.uid):
-                out.append(ep)
-        return out
-
-    def _assemble_endpoints(self) -> None:
-        wanted: dict[Element, str] = {}
-        for ep in self.endpoints.values():
-            for text in ep.ips:
-                ip = ipaddress.ip_address(text)
-                wanted[(pod_ifaces_set(ip.version),
-                        (ep.host_if, (int(ip), int(ip))))] = ep.pod_ref
-        for ep in self._pending():  # isolated both ways, nothing allowed: denied until known
-            for text in ep.ips:
-                ip = ipaddress.ip_address(text)
-                for key in ("ingress", "egress"):
-                    wanted[(isolated_set(key, ip.version), ((int(ip), int(ip)),))] = (
-                        f"{ep.pod_ref} (Pod not known yet)")
-        self._place(("~endpoints",), wanted)
+            self._owned[unit] = wanted
 
     def _take_delta(self) -> Delta:
         delta = Delta()
@@ -632,8 +803,9 @@ class NodeCompiler:
         out = []
         for ref in self._local_refs():
             rep = PodIsolation(self._effective[ref])
-            for policy_ref, direction in sorted(self._contrib.get(ref, {})):
-                getattr(rep, direction.lower()).append(policy_ref)
+            for policy in sorted(self._selected.get(ref, {}).values(), key=lambda p: p.ref):
+                for direction in sorted(policy.policy_types):
+                    getattr(rep, direction.lower()).append(policy.ref)
             out.append(rep)
         return out
 

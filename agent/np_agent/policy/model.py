@@ -7,6 +7,7 @@ object is rejected at one place with an error that names the object and the fiel
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import sys
 import weakref
@@ -37,14 +38,17 @@ EMPTY_LABELS: Labels = MappingProxyType({})
 
 
 class _LabelMap(dict):
-    """A label map shared by every pod that has the same labels (weak-referenceable)."""
+    """A label map shared by every pod that has the same labels (weak-referenceable), with
+    the one read-only view of it that those pods hold."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("__weakref__", "view")
 
 
 # Replicas of a Deployment carry the same labels: one dict for all of them, not one each (a
 # cluster of 150,000 pods has a few thousand distinct label maps). Keys and values are
-# interned strings. Entries go away with the last pod that uses them.
+# interned strings. Entries go away with the last pod that uses them (map and view are a
+# cycle: the garbage collector frees them). Pods share the view too, not only the map: one
+# view per pod would be 150,000 objects more, and the compiler memoises by its identity.
 _SHARED_LABELS: weakref.WeakValueDictionary[tuple[tuple[str, str], ...], _LabelMap] = (
     weakref.WeakValueDictionary())
 
@@ -57,8 +61,9 @@ def shared_labels(labels: Mapping[str, str]) -> Labels:
     shared = _SHARED_LABELS.get(key)
     if shared is None:
         shared = _LabelMap((sys.intern(k), sys.intern(v)) for k, v in key)
+        shared.view = MappingProxyType(shared)
         _SHARED_LABELS[key] = shared
-    return MappingProxyType(shared)
+    return shared.view
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class LabelSelector:
         return "{" + ", ".join(parts) + "}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContainerPort:
     name: str
     port: int
@@ -116,8 +121,11 @@ class Namespace:
     labels: Labels = field(default_factory=lambda: EMPTY_LABELS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pod:
+    """Only what enforcement needs of a Pod; slots, and strings and ports shared between
+    replicas, because a node's agent holds every pod of the cluster (150,000)."""
+
     namespace: str
     name: str
     labels: Labels = field(default_factory=lambda: EMPTY_LABELS)
@@ -321,12 +329,20 @@ def parse_namespace(obj: Mapping[str, Any]) -> Namespace:
     return Namespace(name, MappingProxyType(labels))
 
 
+@functools.lru_cache(maxsize=16384)
+def _shared_ports(ports: tuple[tuple[str, int, str], ...]) -> tuple[ContainerPort, ...]:
+    """One tuple of named ports for all the replicas that declare the same ones (bounded:
+    distinct port sets are few, and a miss only costs a copy)."""
+    return tuple(ContainerPort(sys.intern(n), number, sys.intern(proto))
+                 for n, number, proto in ports)
+
+
 def parse_pod(obj: Mapping[str, Any]) -> Pod:
     namespace, name, ctx = _metadata(obj, "Pod", namespaced=True)
     labels = shared_labels(ctx.labels(obj["metadata"].get("labels"), "metadata.labels"))
     spec = ctx.mapping(obj.get("spec"), "spec")
     status = ctx.mapping(obj.get("status"), "status")
-    ports = []
+    ports: list[tuple[str, int, str]] = []
     for ci, c in enumerate(ctx.sequence(spec.get("containers"), "spec.containers")):
         c = ctx.mapping(c, f"spec.containers[{ci}]")
         for pi, p in enumerate(ctx.sequence(c.get("ports"), f"spec.containers[{ci}].ports")):
@@ -336,7 +352,7 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
             proto = _protocol(ctx, p.get("protocol"), f"{path}.protocol")
             pname = p.get("name")
             if pname is not None:
-                ports.append(ContainerPort(ctx.string(pname, f"{path}.name"), number, proto))
+                ports.append((ctx.string(pname, f"{path}.name"), number, proto))
     ips: list[IPAddress] = []
     for i, entry in enumerate(ctx.sequence(status.get("podIPs"), "status.podIPs")):
         entry = ctx.mapping(entry, f"status.podIPs[{i}]")
@@ -352,7 +368,7 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
     return Pod(
         sys.intern(namespace), name, labels, tuple(dict.fromkeys(ips)),
         sys.intern(ctx.string(node_name, "spec.nodeName")),
-        host_network, ctx.string(phase, "status.phase"), tuple(ports),
+        host_network, sys.intern(ctx.string(phase, "status.phase")), _shared_ports(tuple(ports)),
         ctx.string(uid, "metadata.uid"),
     )
 

@@ -75,6 +75,11 @@ class Index:
         for key in [k for k in self.peer_cache if _could_match(k, pod, ns_labels)]:
             del self.peer_cache[key]
 
+    def forget_namespaces(self) -> None:
+        """Namespace labels changed: selector results over namespaces are stale."""
+        self._ns_cache.clear()
+        self.peer_cache.clear()
+
     def namespace(self, name: str) -> Namespace:
         # A namespace we were not told about still carries the label the API server sets.
         return self.namespaces.get(name) or Namespace(
