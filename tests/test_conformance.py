@@ -930,7 +930,7 @@ def test_sctp_rule_is_not_tcp(c: ConformanceCluster) -> None:
     xa = c.ip("x/a")
     peers = re.search(r"map ingress-peers-v4 \{(.*?)\n\t\}", text, re.S)
     assert peers, text
-    chains = {re.search(rf"{re.escape(c.ip(ref))} comment \"{ref}\" : goto (\S+)",
+    chains = {re.search(rf"{re.escape(c.ip(ref))} comment \"{ref}\" : goto ([\w-]+)",
                         peers.group(1)).group(1) for ref in ("y/a", "y/b", "y/c")}
     assert len(chains) == 1, peers.group(1)  # the pods of y: one identity
     allow = _elements(text, chains.pop().replace("-v4", "-ports-v4"))

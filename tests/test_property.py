@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
-from collections import Counter, defaultdict
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -33,8 +32,8 @@ from np_agent.policy.model import (
     Requirement,
     Rule,
 )
-from np_agent.ruleset import identity_chain, identity_of_set, identity_ports_set, peer_map
 from np_cni.shared.endpoints import Endpoint
+from np_lab.canonical import canonical
 from oracle import evaluate, lookup
 from test_compiler import _assert_disjoint
 
@@ -185,34 +184,6 @@ def _mutate(rng: random.Random, nc: NodeCompiler, step: int) -> None:
             eps[(f"c{step}", "eth0")] = Endpoint(f"c{step}", "eth0", ns, name, "",
                                                  f"np{step:011d}", (f"10.244.3.{host}",))
         nc.set_endpoints(eps.values())
-
-
-def canonical(elements: dict) -> dict:
-    """The elements with identity numbers (the compiler's choice, which depends on history)
-    replaced by what each identity is: its members' map elements and its sets' elements.
-    Also checks what the kernel would refuse: two map elements for one address, and a map
-    element that goes to an identity whose chain does not exist."""
-    out, sets = {}, defaultdict(dict)
-    for name, items in elements.items():
-        ident = identity_of_set(name)
-        if ident is not None:
-            sets[ident][name == identity_ports_set(*ident)] = frozenset(items.items())
-        elif not name.startswith(("ingress-peers-", "egress-peers-")):
-            out[name] = dict(items)
-    members = defaultdict(set)
-    for direction in ("ingress", "egress"):
-        for version in (4, 6):
-            keys = elements.get(peer_map(direction, version), {})
-            assert len({ip for ip, _ in keys}) == len(keys), "one address, two identities"
-            for (ip, chain), comment in keys.items():
-                members[chain].add((ip, comment))
-    out["identities"] = Counter()
-    for (direction, version, number), parts in sets.items():
-        chain = identity_chain(direction, version, number)
-        out["identities"][(direction, version, frozenset(members.pop(chain, ())),
-                           parts.get(True, frozenset()), parts.get(False, frozenset()))] += 1
-    assert not members, f"map elements that go to no chain: {sorted(members)}"
-    return out
 
 
 @pytest.mark.parametrize("seed", range(25))

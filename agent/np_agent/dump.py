@@ -13,6 +13,8 @@ from np_agent.nft.dataplane import plan
 from np_agent.nft.render import ruleset_text
 from np_agent.policy.compiler import Compiled
 
+MEMBERS_SHOWN = 5  # pods listed per identity; the peer maps list them all
+
 
 def summary_lines(compiled: Compiled) -> list[str]:
     out = []
@@ -23,6 +25,11 @@ def summary_lines(compiled: Compiled) -> list[str]:
         parts = [f"{d} isolated by {', '.join(refs)}" if refs else f"{d} open"
                  for d, refs in (("ingress", rep.ingress), ("egress", rep.egress))]
         out.append(f"# pod {rep.pod.ref} ({ips}): " + "; ".join(parts))
+    for ident in compiled.identities:
+        shown = ", ".join(ident.members[:MEMBERS_SHOWN])
+        more = len(ident.members) - MEMBERS_SHOWN
+        out.append(f"# identity {ident.number} ({len(ident.members)} pod(s), admitted by "
+                   f"{', '.join(ident.rules)}): {shown}" + (f" +{more} more" if more > 0 else ""))
     isolated = sum(1 for r in compiled.pods if r.ingress or r.egress)
     out.insert(0, f"# np-nft: {len(compiled.pods)} pod(s) on this node, {isolated} isolated, "
                   f"{compiled.element_count()} set element(s)")
@@ -40,6 +47,8 @@ def dump_json(compiled: Compiled) -> dict[str, Any]:
                   "ingress_isolated_by": r.ingress, "egress_isolated_by": r.egress}
                  for r in compiled.pods],
         "warnings": compiled.warnings,
+        "identities": [{"identity": i.number, "admitted_by": i.rules, "pods": i.members}
+                       for i in compiled.identities],
         # The batch that would build the table on an empty node, in libnftables JSON.
         "nftables": plan(layout.ruleset(compiled.elements), None).commands,
     }

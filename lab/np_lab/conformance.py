@@ -36,12 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from np_agent.nft import layout
 from np_agent.nft.dataplane import KernelTable, read_table
 from np_agent.policy.compiler import compile_state
 from np_agent.policy.manifests import LoadResult, add_object
 from np_agent.policy.model import ClusterState
 from np_cni.shared.endpoints import EndpointStore
+from np_lab.canonical import canonical
 from np_lab.cluster import ClusterLab, ClusterNode, ClusterPod
 from np_lab.fakeapi import FakeApiError
 
@@ -454,15 +454,14 @@ class ConformanceCluster(ClusterLab):
         out = []
         for node in self.nodes:
             endpoints, _ = EndpointStore(node.dir / "endpoints").all()
-            want = layout.ruleset(compile_state(state, node.name, endpoints).elements)
+            want = canonical(compile_state(state, node.name, endpoints).elements, False)
             have = self.kernel_table(node)
             if have is None:
                 out.append(f"{node.name}: no table {' '.join(TABLE)}")
                 continue
-            for name in want.sets:
-                w = set(want.elements.get(name, {}))
-                kset = have.sets.get(name)
-                h = set(kset.elements) if kset is not None else set()
+            got = canonical({n: s.elements for n, s in have.sets.items()}, False)
+            for name in want.keys() | got.keys():
+                w, h = want.get(name, set()), got.get(name, set())
                 if w != h:
                     out.append(f"{node.name} {name}: missing {len(w - h)}, extra {len(h - w)}")
         return out

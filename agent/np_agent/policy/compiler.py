@@ -83,13 +83,23 @@ class PodIsolation:
 
 
 @dataclass
+class IdentityView:
+    """One peer identity, for people: the rules that admit its pods, and the pods."""
+
+    number: int
+    rules: list[str]
+    members: list[str]
+
+
+@dataclass
 class Compiled:
     """What one node must enforce: the element of every set (nft.layout.ruleset() puts them
-    into the table), and per pod what isolates it and why (dump-rules)."""
+    into the table), per pod what isolates it and why, and the peer identities (dump-rules)."""
 
     elements: Elements
     pods: list[PodIsolation]
     warnings: list[str]
+    identities: list[IdentityView] = field(default_factory=list)
 
     def element_count(self) -> int:
         return sum(len(items) for items in self.elements.values())
@@ -818,8 +828,14 @@ class NodeCompiler:
                 for ep in self._pending()]
         return out
 
+    def identity_views(self) -> list[IdentityView]:
+        return [IdentityView(n, sorted(f"{k[0]} {k[1]}[{k[2]}]" for k, _ in i.signature),
+                             sorted(i.members))
+                for n, i in sorted(self.identities.by_number.items()) if i.chains]
+
     def compiled(self) -> Compiled:
-        return Compiled(self.current_elements(), self.report(), self.warnings())
+        return Compiled(self.current_elements(), self.report(), self.warnings(),
+                        self.identity_views())
 
 
 def compile_state(state: ClusterState, node_name: str | None = None,
