@@ -273,9 +273,9 @@ def test_pod_read_on_add_is_not_regressed_by_older_watch_events(tmp_path: Path) 
     # Never started, never syncs: the test reads the state the next sync would apply.
     agent = NodeAgent("node-1", EndpointStore(tmp_path / "ep"),
                       dataplane=NoKernel())  # type: ignore[arg-type]
-    agent.replace("namespaces", [{"metadata": {"name": "x"}}])
-    agent.replace("pods", [])
-    agent.replace("networkpolicies", [])
+    agent.replace("namespaces", [[{"metadata": {"name": "x"}}]])  # one page
+    agent.replace("pods", [])  # no page at all
+    agent.replace("networkpolicies", [[]])  # one empty page
 
     def labels() -> dict[str, str] | None:
         pod = agent.compiler.state.pods.get("x/web")
@@ -301,8 +301,8 @@ def test_conflist_is_written_only_once_the_agent_is_ready(tmp_path: Path) -> Non
 
     nodes = NodeNetwork("node-1", tmp_path / "net.d", None, "/run/np-nft/cni.sock",
                         "/var/lib/np-nft/endpoints", 1500)
-    nodes.replace("nodes", [{"metadata": {"name": "node-1"},
-                             "spec": {"podCIDRs": ["10.244.3.0/24"]}}])
+    nodes.replace("nodes", [[{"metadata": {"name": "node-1"},
+                              "spec": {"podCIDRs": ["10.244.3.0/24"]}}]])
     assert not (tmp_path / "net.d" / "10-np-nft.conflist").exists()  # not ready: no ADDs yet
     nodes.agent_ready()
     conf = json.loads((tmp_path / "net.d" / "10-np-nft.conflist").read_text())

@@ -11,7 +11,8 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -41,18 +42,30 @@ def key(obj: dict[str, Any]) -> str:
 
 
 class Recorder:
-    """A Handler that records every call and keeps the state it was told about."""
+    """A Handler that records every call and keeps the state it was told about. Like the
+    real handlers it takes a list page by page and swaps it in only after the last page;
+    ``on_page(kind, page)`` is called as each page arrives."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_page: Callable[[str, list[dict[str, Any]]], None] | None = None
+                 ) -> None:
         self.lock = threading.Lock()
         self.calls: list[tuple[Any, ...]] = []
         self.state: dict[str, dict[str, dict[str, Any]]] = {}
         self.errors: list[tuple[float, Exception]] = []
+        self.pages: list[tuple[str, int]] = []  # (kind, items in the page), every list
+        self.on_page = on_page
 
-    def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
+    def replace(self, kind: str, pages: Iterable[list[dict[str, Any]]]) -> None:
+        listed: dict[str, dict[str, Any]] = {}
+        for page in pages:
+            with self.lock:
+                self.pages.append((kind, len(page)))
+            if self.on_page:
+                self.on_page(kind, page)
+            listed.update((key(o), o) for o in page)
         with self.lock:
-            self.calls.append(("replace", kind, [key(o) for o in items]))
-            self.state[kind] = {key(o): o for o in items}
+            self.calls.append(("replace", kind, list(listed)))
+            self.state[kind] = listed
 
     def event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
         with self.lock:
@@ -167,14 +180,18 @@ def test_backoff_is_exponential_capped_and_jittered(monkeypatch: pytest.MonkeyPa
 # ----------------------------------------------------------------------------- list + watch
 
 
-def test_initial_list_is_paginated_and_delivered_whole(fake: FakeApiServer, reflect) -> None:
+def test_initial_list_is_paginated_and_delivered_page_by_page(fake: FakeApiServer, reflect,
+                                                              list_fns) -> None:
     for i in range(5):
         fake.create("pods", pod(f"p{i}", ns="x" if i < 3 else "y"))
     fake.create("namespaces", {"metadata": {"name": "x"}})  # another kind: not listed
-    rec = Recorder()
+    seen: list[tuple[int, int]] = []  # (items in the page, list requests made by then)
+    rec = Recorder(lambda kind, page: seen.append((len(page), len(lists(fake)))))
     r = reflect("pods", rec, page_size=2)
     synced(fake, r)
     assert rec.replaces() == [("replace", "pods", ["x/p0", "x/p1", "x/p2", "y/p3", "y/p4"])]
+    # Each page reaches the handler before the next one is even asked for.
+    assert seen == [(2, 1), (2, 2), (1, 3)]
     assert rec.events() == []
     assert r.lists == 1 and r.resource_version == str(fake.resource_version)
     pages = lists(fake)
@@ -184,6 +201,129 @@ def test_initial_list_is_paginated_and_delivered_whole(fake: FakeApiServer, refl
     (w,) = watches(fake)
     assert w["resourceVersion"] == str(fake.resource_version)
     assert w["allowWatchBookmarks"] == "true"
+
+
+def test_a_big_list_never_holds_more_than_one_page(fake: FakeApiServer, reflect,
+                                                   list_fns) -> None:
+    """N pages for N*limit pods; the handler gets at most ``limit`` raw objects at once, the
+    previous page is emptied when the next arrives, and no response object outlives its
+    page (its body is not cached in it)."""
+    limit, n = 25, 8
+    for i in range(n * limit):
+        fake.create("pods", pod(f"p{i:03d}", ip=f"10.1.{i // 250}.{i % 250 + 1}"))
+    responses: list[weakref.ref[Any]] = []
+    real_list = list_fns["pods"]
+
+    def list_pods(**kwargs: Any) -> Any:
+        resp = real_list(**kwargs)
+        if not kwargs.get("watch"):
+            responses.append(weakref.ref(resp))
+        return resp
+
+    list_fns["pods"] = list_pods
+    pages: list[list[dict[str, Any]]] = []
+    problems: list[str] = []
+
+    def on_page(kind: str, page: list[dict[str, Any]]) -> None:
+        if len(page) > limit:
+            problems.append(f"a page of {len(page)} items")
+        if any(pages):
+            problems.append("a previous page still holds its items")
+        if any(ref() is not None for ref in responses):
+            problems.append("a response is still alive")
+        pages.append(page)  # the list object only: the reflector empties it
+
+    rec = Recorder(on_page)
+    r = reflect("pods", rec, page_size=limit)
+    synced(fake, r)
+    assert problems == []
+    assert rec.pages == [("pods", limit)] * n and len(responses) == n
+    assert not any(pages) and len(rec.state["pods"]) == n * limit
+
+
+def test_relist_failing_midway_keeps_the_previous_state(fake: FakeApiServer, reflect,
+                                                        list_fns, agent_with) -> None:
+    """A relist (410) whose second page fails, first with an expired continue token (410
+    again: relist at once), then with a dropped connection (backoff, relist): the agent
+    keeps enforcing the previous complete state until a relist completes, never a part."""
+    fake.create("namespaces", {"metadata": {"name": "x"}})
+    fake.create("networkpolicies", DENY_X)
+    old = {f"10.1.0.{i + 1}" for i in range(6)}
+    for i in range(6):
+        fake.create("pods", pod(f"p{i}", ip=f"10.1.0.{i + 1}"))
+    dp = RecordingDataplane()
+    agent = agent_with(dp)
+    real_list = list_fns["pods"]
+    pod_lists: list[int] = []  # pages requested, per list
+    failures = [("expire", 2, 2), ("drop", 3, 2)]  # (how, list number, page number)
+    held_at_failure: list[set[str]] = []
+
+    def list_pods(**kwargs: Any) -> Any:
+        if kwargs.get("watch"):
+            return real_list(**kwargs)
+        if "_continue" not in kwargs:
+            pod_lists.append(0)
+        pod_lists[-1] += 1
+        if failures and failures[0][1:] == (len(pod_lists), pod_lists[-1]):
+            how = failures.pop(0)[0]
+            with agent._cond:
+                held_at_failure.append({str(ip) for p in agent.compiler.state.pods.values()
+                                        for ip in p.ips})
+            if how == "drop":
+                raise ConnectionResetError("connection reset by peer, mid-list")
+            fake.create("namespaces", {"metadata": {"name": "other"}})
+            fake.compact()  # the continue token is now too old: 410 Expired
+        return real_list(**kwargs)
+
+    list_fns["pods"] = list_pods
+    for kind in ("namespaces", "networkpolicies"):
+        reflect(kind, agent)
+    r = reflect("pods", agent, page_size=2)
+    eventually(lambda: dp.count() >= 1 and isolated_v4(dp.last()) == old)
+    fake.silent_watches(True)  # changes the pods' watch does not see, then a compaction
+    fake.delete("pods", "x", "p0")
+    fake.create("pods", pod("p6", ip="10.1.0.7"))
+    fake.compact()
+    fake.drop_watches()
+    fake.silent_watches(False)
+    new = old - {"10.1.0.1"} | {"10.1.0.7"}
+    eventually(lambda: r.lists == 2, timeout=10, message=lambda: f"{pod_lists} {failures}")
+    eventually(lambda: isolated_v4(dp.last()) == new)
+    assert failures == [] and pod_lists == [3, 2, 2, 3]  # the first and last are complete
+    assert held_at_failure == [old, old]  # the half-read relists changed nothing
+    assert all(isolated_v4(call[0]) in (old, new) for call in dp.calls)  # never a part
+    assert set(agent.compiler.state.pods) == {f"x/p{i}" for i in range(1, 7)}
+
+
+def test_handlers_keep_their_state_when_a_list_fails_midway(tmp_path: Path) -> None:
+    """The handlers' side of the contract, without an API server: a page iterator that
+    raises after a page leaves NodeAgent and NodeNetwork as they were."""
+    from np_agent.node.nodenet import NodeNetwork
+
+    def failing(page: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        yield page
+        raise ConnectionResetError("mid-list")
+
+    agent = NodeAgent("node-1", EndpointStore(tmp_path / "ep"),
+                      dataplane=RecordingDataplane())  # type: ignore[arg-type]  # not started
+    with pytest.raises(ConnectionResetError):  # a first list: the kind stays unlisted
+        agent.replace("pods", failing([pod("a")]))
+    agent.replace("namespaces", [[{"metadata": {"name": "x"}}]])
+    agent.replace("networkpolicies", [[DENY_X]])
+    assert agent.compiler.state.pods == {}
+    agent.replace("pods", [[pod("a")], [pod("b", ip="10.1.0.2")]])
+    before, seq = dict(agent.compiler.state.pods), agent._seq
+    assert set(before) == {"x/a", "x/b"}
+    with pytest.raises(ConnectionResetError):  # a relist
+        agent.replace("pods", failing([pod("c", ip="10.1.0.3")]))
+    assert agent.compiler.state.pods == before and agent._seq == seq
+
+    nodes = NodeNetwork("node-1", tmp_path / "net.d", None, "/run/cni.sock", "/ep", 1500)
+    node = {"metadata": {"name": "node-1"}, "spec": {"podCIDRs": ["10.244.1.0/24"]}}
+    nodes.replace("nodes", [[node], [{"metadata": {"name": "node-2"}}]])
+    with pytest.raises(ConnectionResetError):
+        nodes.replace("nodes", failing([{"metadata": {"name": "node-3"}}]))
+    assert set(nodes.nodes) == {"node-1", "node-2"}
 
 
 def test_changes_arrive_as_events_in_order(fake: FakeApiServer, reflect) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,8 @@ class Dispatch:
     def __init__(self, agent: NodeAgent, nodes: NodeNetwork) -> None:
         self.agent, self.nodes = agent, nodes
 
-    def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
-        (self.nodes if kind == "nodes" else self.agent).replace(kind, items)
+    def replace(self, kind: str, pages: Iterable[list[dict[str, Any]]]) -> None:
+        (self.nodes if kind == "nodes" else self.agent).replace(kind, pages)
 
     def event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
         (self.nodes if kind == "nodes" else self.agent).event(kind, type_, obj)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from np_agent.nft import layout
 from np_agent.nft.dataplane import ApplyResult, Dataplane
 from np_agent.policy.compiler import Compiled, NodeCompiler
 from np_agent.policy.manifests import load_manifests
-from np_agent.policy.model import ClusterState, ModelError, fail_closed_policy, parse_object
+from np_agent.policy.model import PARSERS, ClusterState, ModelError, fail_closed_policy
 from np_agent.ruleset import TABLE, Delta, Ruleset
 from np_cni.shared.endpoints import EndpointStore
 
@@ -115,15 +115,22 @@ class NodeAgent:
             self._loaded = True
             self._mark()
 
-    def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
-        """A full list of one kind (first list, or relist after 410)."""
+    def replace(self, kind: str, pages: Iterable[list[dict[str, Any]]]) -> None:
+        """A full list of one kind (first list, or relist after 410), page by page.
+
+        Each page is parsed as it arrives (no raw list is ever held whole: see kube.Handler)
+        and outside the lock, so syncs and np-cni are not held up by a long list. The state
+        changes only once the last page is in: a list that fails midway raises out of the
+        iteration and leaves the previous state in force.
+        """
         if kind not in POLICY_KINDS:
             return
         objects = {}
-        for raw in items:
-            obj = self._parse(kind, raw)
-            if obj is not None:
-                objects[self._ref(kind, obj)] = obj
+        for page in pages:
+            for raw in page:
+                obj = self._parse(kind, raw)
+                if obj is not None:
+                    objects[self._ref(kind, obj)] = obj
         with self._cond:
             self.metrics.objects.labels(kind).set(len(objects))
             if kind == "pods":
@@ -232,7 +239,7 @@ class NodeAgent:
 
     def _parse(self, kind: str, raw: dict[str, Any]) -> Any:
         try:
-            return parse_object({**raw, "kind": _KIND[kind]})
+            return PARSERS[_KIND[kind]](raw)
         except ModelError as e:
             self.metrics.errors.labels("parse").inc()
             log.error("invalid object skipped: %s", e)

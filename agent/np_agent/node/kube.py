@@ -2,16 +2,21 @@
 
 One ``Reflector`` thread per resource kind:
 
-* list (paginated) to get a consistent snapshot and its resourceVersion, hand it over whole;
+* list (paginated) to get a consistent snapshot and its resourceVersion, handed over page by
+  page as it arrives (``Handler.replace``): the handler parses each page into the model and
+  swaps the whole in once the last page is in;
 * watch from that resourceVersion with bookmarks, handing over each event; bookmarks only
   move the resourceVersion forward;
-* ``410 Gone`` (an ERROR event or an HTTP 410: the resourceVersion was compacted away) means
-  relist; any other failure (connection refused, dropped stream, a watch that stays silent
-  past the read timeout) means retry the watch from the last resourceVersion, after a capped
-  exponential backoff with jitter, so an API server coming back is not stampeded.
+* ``410 Gone`` (an ERROR event or an HTTP 410: the resourceVersion, or a list's continue
+  token, was compacted away) means relist; any other failure (connection refused, dropped
+  stream, a watch that stays silent past the read timeout) means retry the watch from the
+  last resourceVersion, after a capped exponential backoff with jitter, so an API server
+  coming back is not stampeded.
 
 Responses are read raw (``_preload_content=False``) and parsed straight into the model: the
-client's generated classes would hold every field of thousands of pods for nothing.
+client's generated classes would hold every field of thousands of pods for nothing. At most
+one page of raw JSON is alive at a time: 150,000 pods as dicts are gigabytes, a page of 500
+is a few megabytes, and the parsed model of all of them a small fraction of that.
 """
 
 from __future__ import annotations
@@ -20,20 +25,31 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from np_agent.memory import release
+from np_agent.memory import gc_paused, release
 
 log = logging.getLogger("np_agent.kube")
 
 KINDS = ("namespaces", "pods", "networkpolicies", "nodes")
 
 
+Page = list[dict[str, Any]]
+
+
 class Handler(Protocol):
-    def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
-        """A full list. ``items`` is emptied after the call: keep what you need, not it."""
+    def replace(self, kind: str, pages: Iterable[Page]) -> None:
+        """A full list of ``kind`` (first list, or relist after 410), one page at a time.
+
+        Pages are fetched as the handler iterates, and each is emptied when the next one is
+        asked for: parse it and keep the parsed objects, never the page. Iterating raises
+        when the API fails midway; the handler must then leave its previous state as it was
+        (the relist that follows hands over a complete list), so the new state is swapped in
+        only after the last page: a partial list would drop pods and policies, i.e. open.
+        """
+
     def event(self, kind: str, type_: str, obj: dict[str, Any]) -> None: ...
 
 
@@ -84,11 +100,62 @@ def pod_getter(api_client: Any, timeout: float = 2.0) -> Callable[[str, str], di
     core = client.CoreV1Api(api_client)
 
     def get(namespace: str, name: str) -> dict[str, Any]:
-        resp = core.read_namespaced_pod(name, namespace, _preload_content=False,
-                                        _request_timeout=(min(timeout, 1.0), timeout))
-        return json.loads(resp.data)
+        return json.loads(read_body(core.read_namespaced_pod(
+            name, namespace, _preload_content=False,
+            _request_timeout=(min(timeout, 1.0), timeout))))
 
     return get
+
+
+def read_body(resp: Any) -> bytes:
+    """The body of a raw (``_preload_content=False``) response, and the connection back to
+    the pool. ``resp.read()``, not ``resp.data``: that one keeps the bytes in the response."""
+    try:
+        return resp.read()
+    finally:
+        resp.release_conn()
+
+
+class Listing:
+    """One paginated list call, fetched page by page as :meth:`pages` is iterated.
+
+    ``resource_version`` is the snapshot's (the first page's: every page of a list is served
+    from the same snapshot); ``complete`` turns true only after the last page.
+    """
+
+    def __init__(self, list_fn: Callable[..., Any], page_size: int,
+                 timeouts: tuple[float, float]) -> None:
+        self.list_fn, self.page_size, self.timeouts = list_fn, page_size, timeouts
+        self.resource_version = ""
+        self.items = 0
+        self.pages_read = 0
+        self.complete = False
+
+    def pages(self) -> Iterator[Page]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": self.page_size, "_preload_content": False,
+                                      "_request_timeout": self.timeouts}
+            if token:
+                kwargs["_continue"] = token
+            body = read_body(self.list_fn(**kwargs))
+            with gc_paused():  # from decoding to freeing: the page's lifetime, not the I/O
+                data = json.loads(body)
+                del body
+                meta = data.get("metadata") or {}
+                page: Page = data.get("items") or []
+                del data  # the page list is all that stays of the response
+                if not self.resource_version:
+                    self.resource_version = meta.get("resourceVersion", "")
+                token = meta.get("continue")
+                self.items += len(page)
+                self.pages_read += 1
+                yield page
+                page.clear()  # parsed by now: its dicts go before the next page is read
+                del page
+            if not token:
+                break
+        self.complete = True
 
 
 class Reflector(threading.Thread):
@@ -118,7 +185,8 @@ class Reflector(threading.Thread):
                          self.resource_version)
                 self.resource_version = None
             except ApiException as e:
-                if e.status == 410:
+                if e.status == 410:  # a watch, or a list's continue token, expired
+                    log.info("%s: 410 Gone (%s), relisting", self.kind, e.reason)
                     self.resource_version = None
                     continue
                 self._failed(e, backoff)
@@ -137,30 +205,24 @@ class Reflector(threading.Thread):
         return (self.opts.connect_timeout, read)
 
     def _list(self) -> None:
-        items: list[dict[str, Any]] = []
-        token: str | None = None
-        rv = ""
-        while True:
-            kwargs: dict[str, Any] = {"limit": self.opts.page_size, "_preload_content": False,
-                                      "_request_timeout": self._timeouts(60.0)}
-            if token:
-                kwargs["_continue"] = token
-            resp = self.list_fn(**kwargs)
-            data = json.loads(resp.data)
-            items.extend(data.get("items") or [])
-            meta = data.get("metadata") or {}
-            rv = rv or meta.get("resourceVersion", "")
-            token = meta.get("continue")
-            if not token:
-                break
-        self.handler.replace(self.kind, items)
-        count = len(items)
-        items.clear()  # the raw list is the biggest thing this process ever holds
-        release()
-        self.resource_version = rv
+        """Hand the handler a full list, page by page; on any failure (raised from the page
+        iterator through the handler) nothing here changes and the caller relists."""
+        listing = Listing(self.list_fn, self.opts.page_size, self._timeouts(60.0))
+        pages = listing.pages()
+        try:
+            self.handler.replace(self.kind, pages)
+            for _ in pages:  # a handler that ignored the kind: the snapshot still has to end
+                pass
+        finally:
+            pages.close()
+            release()  # the pages' dicts were freed one by one: give the heap back
+        if not listing.complete:
+            raise RuntimeError(f"{self.kind}: the handler stopped a list midway")
+        self.resource_version = listing.resource_version
         self.lists += 1
         self.synced.set()
-        log.info("%s: listed %d objects at resourceVersion %s", self.kind, count, rv)
+        log.info("%s: listed %d objects in %d pages at resourceVersion %s", self.kind,
+                 listing.items, listing.pages_read, listing.resource_version)
 
     def _watch(self) -> None:
         from kubernetes.watch.watch import iter_resp_lines

@@ -451,11 +451,18 @@ class NodeNetwork:
             self._agent_ready = True
             self._apply()
 
-    def replace(self, kind: str, items: list[dict[str, Any]]) -> None:
+    def replace(self, kind: str, pages: Iterable[list[dict[str, Any]]]) -> None:
+        """A full list of Nodes, parsed page by page (see kube.Handler). The nodes are
+        swapped in only once the last page is in: a list that fails midway raises out of
+        the iteration and leaves the previous nodes, and so the routes, as they were."""
+        nodes: dict[str, NodeInfo] = {}
+        for page in pages:
+            for raw in page:
+                info = self._parse(raw)
+                if info is not None:
+                    nodes[info.name] = info
         with self._lock:
-            self.nodes = {}
-            for raw in items:
-                self._put(raw)
+            self.nodes = nodes
             self._apply()
 
     def event(self, kind: str, type_: str, raw: dict[str, Any]) -> None:
@@ -463,16 +470,18 @@ class NodeNetwork:
             if type_ == "DELETED":
                 self.nodes.pop((raw.get("metadata") or {}).get("name", ""), None)
             else:
-                self._put(raw)
+                info = self._parse(raw)
+                if info is not None:
+                    self.nodes[info.name] = info
             self._apply()
 
-    def _put(self, raw: dict[str, Any]) -> None:
+    @staticmethod
+    def _parse(raw: dict[str, Any]) -> NodeInfo | None:
         try:
-            info = parse_node(raw)
+            return parse_node(raw)
         except ValueError as e:
             log.error("invalid Node skipped: %s", e)
-            return
-        self.nodes[info.name] = info
+            return None
 
     def _apply(self) -> None:
         local = self.nodes.get(self.node_name)

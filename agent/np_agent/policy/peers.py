@@ -44,8 +44,7 @@ class Index:
     def __init__(self, pods: Iterable[Pod], namespaces: dict[str, Namespace]) -> None:
         self.namespaces = namespaces
         self.pods_by_ns: dict[str, dict[str, Pod]] = defaultdict(dict)
-        self.named: dict[tuple[str, str], dict[str, list[tuple[int, int, int]]]] = (
-            defaultdict(dict))
+        self.named: dict[tuple[str, str], dict[str, Pod]] = defaultdict(dict)
         self._ns_cache: dict[LabelSelector, list[str]] = {}
         self.peer_cache: dict[tuple[Peer, str], list[Target]] = {}
         for pod in pods:
@@ -58,8 +57,7 @@ class Index:
             self._ns_cache.clear()  # a namespace known only through its pods appears
         self.pods_by_ns[pod.namespace][pod.ref] = pod
         for cp in pod.ports:
-            self.named[(cp.name, cp.protocol)].setdefault(pod.ref, []).extend(
-                (ip.version, int(ip), cp.port) for ip in pod.ips)
+            self.named[(cp.name, cp.protocol)][pod.ref] = pod
         self._forget(pod)
 
     def remove_pod(self, pod: Pod) -> None:
@@ -158,5 +156,9 @@ def egress_named(index: Index, port: PolicyPort, target: Target) -> list[tuple[I
         number = target.pod.named_port(port.port, port.protocol)
         return [] if number is None else [(target.interval, number)]
     lo, hi = target.interval
-    return [((ip, ip), number) for entries in index.named[(port.port, port.protocol)].values()
-            for version, ip, number in entries if version == target.version and lo <= ip <= hi]
+    out = []
+    for pod in index.named[(port.port, port.protocol)].values():
+        number = pod.named_port(port.port, port.protocol)
+        out += [((int(ip), int(ip)), number) for ip in pod.ips
+                if ip.version == target.version and lo <= int(ip) <= hi and number is not None]
+    return out
