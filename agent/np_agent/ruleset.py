@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 Field = int | str | tuple[int, int]
@@ -94,7 +95,8 @@ class Delta:
 # ----------------------------------------------------------------- names
 # The one place where the table, its sets and their meaning are named: the compiler fills
 # these sets, nft.layout builds the chains that look them up, nft.verdict and the conntrack
-# cutter read them back.
+# cutter read them back. Names are cached: an element holds its set's name and a peer-map
+# element its chain's, so one string each, not one per element (150,000 peers).
 
 TABLE = "np-nft"
 FAMILY = "inet"
@@ -102,25 +104,30 @@ DIRECTIONS = ("ingress", "egress")
 VERSIONS = (4, 6)
 
 
+@cache
 def pod_ifaces_set(version: int) -> str:
     """host veth . pod IP: the only source address a pod may use (anti-spoofing)."""
     return f"pod-ifaces-v{version}"
 
 
+@cache
 def isolated_set(direction: str, version: int) -> str:
     return f"{direction}-isolated-v{version}"
 
 
+@cache
 def allow_ranges_set(direction: str, version: int) -> str:
     """peer-range . pod . protocol . port-range: address peers (ipBlock, "every address")."""
     return f"{direction}-allow-ranges-v{version}"
 
 
+@cache
 def allow_all_set(direction: str, version: int) -> str:
     """peer-range . pod: address peers of rules without ports (every protocol, ICMP too)."""
     return f"{direction}-allow-all-v{version}"
 
 
+@cache
 def peer_map(direction: str, version: int) -> str:
     """peer pod IP -> goto the chain of its identity: pods that some policy here admits."""
     return f"{direction}-peers-v{version}"
@@ -130,18 +137,21 @@ def _identity_base(direction: str, version: int, ident: int) -> tuple[str, str]:
     return f"{direction}-{'from' if direction == 'ingress' else 'to'}-id{ident}", f"v{version}"
 
 
+@cache
 def identity_chain(direction: str, version: int, ident: int) -> str:
     """What a peer identity may reach (ingress: which local pods and ports it may reach)."""
     base, v = _identity_base(direction, version, ident)
     return f"{base}-{v}"
 
 
+@cache
 def identity_ports_set(direction: str, version: int, ident: int) -> str:
     """pod . protocol . port-range: what one peer identity may reach, rules with ports."""
     base, v = _identity_base(direction, version, ident)
     return f"{base}-ports-{v}"
 
 
+@cache
 def identity_all_set(direction: str, version: int, ident: int) -> str:
     """pod: the local pods one peer identity may reach on every protocol (rules without
     ports)."""
@@ -158,21 +168,25 @@ def identity_of_set(name: str) -> tuple[str, int, int] | None:
     return None if m is None else (m.group(1), int(m.group(4)), int(m.group(2)))
 
 
+@cache
 def direction_chain(direction: str, version: int) -> str:
     """Where a new connection meets one pod's isolation and allowances, per direction."""
     return f"{direction}-v{version}"
 
 
+@cache
 def cidr_chain(direction: str, version: int) -> str:
     """Address peers (ipBlock, rules without peers), then the drop: where every identity chain
     ends when none of its own sets holds the packet."""
     return f"{direction}-cidrs-v{version}"
 
 
+@cache
 def policy_chain(version: int) -> str:
     return f"policy-v{version}"
 
 
+@cache
 def antispoof_chain(version: int) -> str:
     return f"antispoof-v{version}"
 

@@ -215,7 +215,7 @@ class NodeCompiler:
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
         self.elements: dict[str, dict[Key, str]] = defaultdict(dict)
         self._raw: dict[str, Pod] = {}  # pods with np-cni's IPs applied
-        self._ip_claims: dict[object, set[str]] = defaultdict(set)  # IP -> raw pods with it
+        self._ip_claims: dict[object, tuple[str, ...]] = {}  # IP -> raw pods with it
         self._effective: dict[str, Pod] = {}  # the same, each IP kept by one pod only
         self._wired_refs: dict[str, list[Endpoint]] = defaultdict(list)
         self._index: Index | None = None
@@ -231,7 +231,8 @@ class NodeCompiler:
         self._named_dependents: set[str] = set()  # local pods with egress named ipBlock ports
         self._seen_ns: set[str] = set()  # namespaces whose peer terms are computed
         self._owned: dict[tuple, dict[Element, str]] = {}  # unit -> elements placed
-        self._claims: dict[Element, dict[tuple, str]] = {}  # element -> unit -> comment
+        # element -> the unit that placed it, or (two or more) unit -> comment
+        self._claims: dict[Element, tuple | dict[tuple, str]] = {}
         self._before: dict[Element, str | None] = {}  # first value of each touched element
         self._full = True
         self._changed_pods: set[str] = set()
@@ -326,7 +327,7 @@ class NodeCompiler:
 
     def _reset(self) -> None:
         """Before a full recomputation: every unit is placed again from nothing."""
-        self._raw, self._effective, self._ip_claims = {}, {}, defaultdict(set)
+        self._raw, self._effective, self._ip_claims = {}, {}, {}
         self._index = None
         self._by_ns = defaultdict(dict)
         for policy in self.state.policies.values():
@@ -351,18 +352,25 @@ class NodeCompiler:
         IP went to a new pod), and one element per IP keeps the sets consistent and disjoint.
         """
         affected = set(refs)
+        claims = self._ip_claims
         for ref in refs:
             for ip in self._claimed(self._raw.get(ref)):
-                self._ip_claims[ip].discard(ref)
-                affected |= self._ip_claims[ip]
+                others = tuple(r for r in claims.get(ip, ()) if r != ref)
+                if others:
+                    claims[ip] = others
+                    affected.update(others)
+                else:
+                    claims.pop(ip, None)
             raw = self._effective_pod(ref)
             if raw is None:
                 self._raw.pop(ref, None)
             else:
                 self._raw[ref] = raw
             for ip in self._claimed(raw):
-                self._ip_claims[ip].add(ref)
-                affected |= self._ip_claims[ip]
+                have = claims.get(ip, ())
+                if ref not in have:
+                    claims[ip] = have = (*have, ref)
+                affected.update(have)
         wired = self._wired_refs
         changed: dict[str, Pod | None] = {}
         for ref in affected:
@@ -370,7 +378,7 @@ class NodeCompiler:
             new = None
             if raw is not None:
                 keep = tuple(ip for ip in raw.ips if min(
-                    self._ip_claims.get(ip) or {ref}, key=lambda r: (r not in wired, r)) == ref)
+                    claims.get(ip) or (ref,), key=lambda r: (r not in wired, r)) == ref)
                 new = raw if keep == raw.ips else replace(raw, ips=keep)
             old = self._effective.get(ref)
             if new is old or (new is not None and new == old):
@@ -671,9 +679,10 @@ class NodeCompiler:
         pod = self._effective.get(ref)
         if ident is not None and pod is not None:
             for ip in pod.ips:
+                value = int(ip)
                 for d, v in ident.chains:
                     if v == ip.version:
-                        wanted[(peer_map(d, v), ((int(ip), int(ip)),
+                        wanted[(peer_map(d, v), ((value, value),
                                                  identity_chain(d, v, ident.number)))] = ref
         self._place(("map", ref), wanted)
 
@@ -771,24 +780,41 @@ class NodeCompiler:
 
         An element may be claimed by two units for a moment (a pod handing its IP over to
         another, in whichever order they are recomputed): claims are counted, and the element
-        goes only when nobody claims it.
+        goes only when nobody claims it. One claim (nearly always) is held as the unit alone.
         """
         old = self._owned.pop(unit, {})
         for el in old.keys() - wanted.keys():
-            claims = self._claims[el]
-            del claims[unit]
-            if claims:
-                self._put(el, claims[min(claims)])
-            else:
-                del self._claims[el]
-                self._drop(el)
+            self._unclaim(el, unit)
         for el, comment in wanted.items():
             if old.get(el) != comment:
-                claims = self._claims.setdefault(el, {})
-                claims[unit] = comment
-                self._put(el, claims[min(claims)])
+                self._claim(el, unit, comment)
         if wanted:
             self._owned[unit] = wanted
+
+    def _claim(self, el: Element, unit: tuple, comment: str) -> None:
+        have = self._claims.get(el)
+        if have is None or have == unit:
+            self._claims[el] = unit
+            self._put(el, comment)
+            return
+        if not isinstance(have, dict):  # a second unit: keep every claim with its comment
+            have = self._claims[el] = {have: self._owned[have][el]}
+        have[unit] = comment
+        self._put(el, have[min(have)])
+
+    def _unclaim(self, el: Element, unit: tuple) -> None:
+        have = self._claims[el]
+        if not isinstance(have, dict):
+            del self._claims[el]
+            self._drop(el)
+            return
+        del have[unit]
+        if len(have) == 1:
+            (only, comment), = have.items()
+            self._claims[el] = only
+        else:
+            comment = have[min(have)]
+        self._put(el, comment)
 
     def _take_delta(self) -> Delta:
         delta = Delta()

@@ -135,10 +135,12 @@ class Pod:
     phase: str = "Running"
     ports: tuple[ContainerPort, ...] = ()
     uid: str = ""
+    # "namespace/name", made once: every index of the agent is keyed on it, and a string
+    # made per lookup would be one more copy per pod in each of them
+    ref: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", f"{self.namespace}/{self.name}")
 
     @property
     def is_enforceable(self) -> bool:
