@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cache
 from typing import Any
 
 from np_agent.ruleset import (
@@ -149,13 +150,15 @@ def _cidr_chain(direction: str, version: int) -> ChainSpec:
     return ChainSpec(cidr_chain(direction, version), rules)
 
 
-def _identity_sets(direction: str, version: int, ident: int) -> list[SetSpec]:
+@cache  # a sync builds the table's shape again: hundreds of identities, each made once
+def _identity_sets(direction: str, version: int, ident: int) -> tuple[SetSpec, ...]:
     _, addr = FAMILIES[version]
-    return [SetSpec(identity_ports_set(direction, version, ident),
+    return (SetSpec(identity_ports_set(direction, version, ident),
                     (addr, "inet_proto", "inet_service"), interval=True, counter=True),
-            SetSpec(identity_all_set(direction, version, ident), (addr,), counter=True)]
+            SetSpec(identity_all_set(direction, version, ident), (addr,), counter=True))
 
 
+@cache
 def _identity_chain(direction: str, version: int, ident: int) -> ChainSpec:
     pod, _ = _fields(direction, version)
     peer = "from" if direction == "ingress" else "to"
@@ -245,8 +248,14 @@ def ruleset(elements: Elements | None = None) -> Ruleset:
 
 def empty_ruleset() -> Ruleset:
     """The table with all sets empty: nobody isolated, everything open (the upstream default)."""
+    sets, chains = _static()
+    return Ruleset(TABLE, FAMILY, dict(sets), list(chains))
+
+
+@cache
+def _static() -> tuple[dict[str, SetSpec], tuple[ChainSpec, ...]]:
     sets = [s for v in (4, 6) for s in _sets(v)]
     chains = [f(d, v) for v in (4, 6) for d in DIRECTIONS for f in (_direction_chain, _cidr_chain)]
     chains += [_policy_chain(4), _policy_chain(6), _forward_chain()]
     chains += [_antispoof_chain(4), _antispoof_chain(6), _prerouting_chain()]
-    return Ruleset(TABLE, FAMILY, {s.name: s for s in sets}, chains)
+    return {s.name: s for s in sets}, tuple(chains)

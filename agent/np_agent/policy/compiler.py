@@ -443,34 +443,46 @@ class NodeCompiler:
         """Which policies select which local pods; the rules those policies hold become
         this node's keys (what signatures are made of)."""
         index = self._require_index()
+        policies: dict[str, NetworkPolicy | None] = {}  # changed policy -> as it is now
         if self._full:
-            check = self._selected_or_targets()
+            pods = self._selected_or_targets()
         else:
-            check = {r for r in changed if r in self._selected or self._target_ref(r)}
-            for ref, old in self._changed_policies.items():
-                check |= self._targets.get(ref, set())
-                new = self.state.policies.get(ref)
-                for pol in (old, new):
-                    if pol is not None:
-                        check |= {p.ref for p in index.pods_by_ns.get(pol.namespace, {}).values()
-                                  if self._is_target(p) and pol.pod_selector.matches(p.labels)}
+            pods = {r for r in changed if r in self._selected or self._target_ref(r)}
+            policies = {ref: self.state.policies.get(ref) for ref in self._changed_policies}
             if changed and self._named_dependents and any(
                     p is not None and p.ports
                     for p in (*changed.values(), *(self._effective.get(r) for r in changed))):
                 self._dirty_locals |= self._named_dependents
         removed: dict[RuleKey, _Key] = {}
         added: dict[RuleKey, _Key] = {}
-        for ref in check:
+        # A pod that changed is detached from all its policies and attached again; a policy
+        # that changed, from (and to) its own targets only: a pod selected by 3,000
+        # policies must not recompute them all for one of them.
+        for ref in pods:
             for policy in self._selected.pop(ref, {}).values():
                 self._detach(ref, policy, removed)
-        for ref in check:
+        touched = set(pods)
+        for ref in policies:
+            for target in self._targets.get(ref, set()) - pods:
+                self._detach(target, self._selected[target].pop(ref), removed)
+                touched.add(target)
+        for ref in pods:
             pod = self._effective.get(ref)
             if pod is None or not self._is_target(pod):
                 continue
             self._selected[ref] = {p.ref: p for p in self._selecting(pod)}
             for policy in self._selected[ref].values():
                 self._attach(ref, policy, added)
-        self._dirty_locals |= check
+        for policy in policies.values():
+            if policy is None:
+                continue
+            for pod in index.pods_by_ns.get(policy.namespace, {}).values():
+                if (pod.ref not in pods and self._is_target(pod)
+                        and policy.pod_selector.matches(pod.labels)):
+                    self._selected.setdefault(pod.ref, {})[policy.ref] = policy
+                    self._attach(pod.ref, policy, added)
+                    touched.add(pod.ref)
+        self._dirty_locals |= touched
         for k in removed.keys() | added.keys():
             old, new = removed.get(k), added.get(k)
             if old is not None and new is not None and old.same_peers(new):
