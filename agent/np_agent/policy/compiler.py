@@ -36,6 +36,7 @@ from np_agent.policy.model import (
     EGRESS,
     INGRESS,
     ClusterState,
+    ContainerPort,
     Labels,
     LabelSelector,
     Namespace,
@@ -197,6 +198,17 @@ def _rule_boxes(index: Index, pod: Pod, direction: str, rule: Rule,
         span = port_interval(port)
         out += [(t.version, proto, t.interval, span) for t in targets]
     return out
+
+
+def _resolve(ports: tuple[ContainerPort, ...],
+             named: tuple[PolicyPort, ...]) -> tuple[int | None, ...] | None:
+    """What a peer's container ports make of a rule's egress named ports (None: none)."""
+    if not named:
+        return None
+    by_name: dict[tuple[str, str], int] = {}
+    for cp in ports:  # the first of a name counts, as Pod.named_port has it
+        by_name.setdefault((cp.name, cp.protocol), cp.port)
+    return tuple(by_name.get((p.port, p.protocol)) for p in named)  # type: ignore[misc]
 
 
 def _refs(policy: NetworkPolicy, key: str, i: int) -> Refs:
@@ -544,11 +556,22 @@ class NodeCompiler:
                                           else t.namespaces.matches(labels))]
 
     def _add_key(self, k: RuleKey, info: _Key) -> None:
+        """A rule that admits pods is in use here: the signatures it adds to are updated in
+        the memo (not recomputed from every rule), and only their pods are looked at again."""
         info.namespaces = self._key_namespaces(info)
         for ns in info.namespaces:
-            self._terms[ns][k] = self._terms_for(info, ns)
-            self._memo.pop(ns, None)
-            self._resign_namespace(ns)
+            terms = self._terms[ns][k] = self._terms_for(info, ns)
+            memo = self._memo.get(ns)
+            if not memo:
+                self._memo.pop(ns, None)
+                self._resign_namespace(ns)
+                continue
+            changed = set()
+            for mkey, (labels, sig) in memo.items():
+                if any(t.pods is None or t.pods.matches(labels) for t in terms):
+                    memo[mkey] = (labels, sig | {(k, _resolve(mkey[1], info.named))})
+                    changed.add(mkey)
+            self._resign_classes(ns, changed)
 
     def _drop_key(self, k: RuleKey, info: _Key) -> None:
         for ns in info.namespaces:
@@ -557,9 +580,18 @@ class NodeCompiler:
                 terms.pop(k, None)
                 if not terms:
                     del self._terms[ns]
-            self._memo.pop(ns, None)
+            memo = self._memo.get(ns, {})
+            for mkey, (labels, sig) in memo.items():
+                if any(item[0] == k for item in sig):
+                    memo[mkey] = (labels, frozenset(i for i in sig if i[0] != k))
         for number in self.identities.by_key.get(k, set()):
             self._resign |= self.identities.by_number[number].members
+
+    def _resign_classes(self, ns: str, classes: set[tuple[int, tuple]]) -> None:
+        """Look again at the pods of ``ns`` whose (label map, ports) memo entry changed."""
+        if classes and not self._full:
+            self._resign.update(p.ref for p in self._require_index().pods_by_ns.get(ns, {}).values()
+                                if (id(p.labels), p.ports) in classes)
 
     def _resign_namespace(self, ns: str) -> None:
         if not self._full:
@@ -597,12 +629,11 @@ class NodeCompiler:
 
     def _signature(self, pod: Pod) -> Signature:
         """The rules here that admit this pod as a peer (memoised per namespace and label
-        map: replicas share theirs)."""
+        map: replicas share theirs). Every pod looked at has its entry, empty signatures
+        too: a rule that comes into use updates the entries, and must find them all."""
         if not pod.is_enforceable:
             return EMPTY
-        terms = self._terms.get(pod.namespace)
-        if not terms:
-            return EMPTY
+        terms = self._terms.get(pod.namespace, {})
         memo = self._memo[pod.namespace]
         mkey = (id(pod.labels), pod.ports)
         hit = memo.get(mkey)
@@ -612,9 +643,7 @@ class NodeCompiler:
         items: list[SigItem] = []
         for k, kterms in terms.items():
             if any(t.pods is None or t.pods.matches(labels) for t in kterms):
-                named = self._keys[k].named
-                items.append((k, tuple(pod.named_port(p.port, p.protocol)  # type: ignore[arg-type]
-                                       for p in named) if named else None))
+                items.append((k, _resolve(pod.ports, self._keys[k].named)))
         sig = frozenset(items)
         existing = self.identities.by_signature.get(sig)
         if existing is not None:
