@@ -49,9 +49,9 @@ from np_agent.policy.peers import (
     FULL_RANGE,
     Index,
     Target,
+    block_targets,
     egress_named,
     port_interval,
-    resolve_peer,
 )
 from np_agent.ruleset import (
     PROTO_NUMBERS,
@@ -172,12 +172,12 @@ def _rule_keys(policy: NetworkPolicy) -> list[tuple[RuleKey, _Key]]:
     return out
 
 
-def _address_targets(index: Index, policy: NetworkPolicy, rule: Rule) -> list[Target]:
+def _address_targets(rule: Rule) -> list[Target]:
     """The peers of a rule that are addresses: ipBlocks, or every address without from/to."""
     if not rule.peers:
         return [Target(v, FULL_RANGE[v]) for v in (4, 6)]
     return [t for peer in rule.peers if peer.ip_block is not None
-            for t in resolve_peer(index, policy, peer)]
+            for t in block_targets(peer.ip_block)]
 
 
 def _rule_boxes(index: Index, pod: Pod, direction: str, rule: Rule,
@@ -763,7 +763,7 @@ class NodeCompiler:
         for ip in pod.ips:
             mine[ip.version].append((int(ip), int(ip)))
         for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
-            targets = _address_targets(index, policy, rule)
+            targets = _address_targets(rule)
             if not targets:
                 continue
             refs = _refs(policy, key, i)
