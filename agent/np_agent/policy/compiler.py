@@ -425,9 +425,9 @@ class NodeCompiler:
                                        or bool(self._wired(pod.ref, pod)))
 
     def _local_refs(self) -> list[str]:
-        return sorted(self._selected_or_targets())
+        return sorted(self._target_refs())
 
-    def _selected_or_targets(self) -> set[str]:
+    def _target_refs(self) -> set[str]:
         return {r for r, p in self._effective.items() if self._is_target(p)}
 
     def _require_index(self) -> Index:
@@ -457,7 +457,7 @@ class NodeCompiler:
         index = self._require_index()
         policies: dict[str, NetworkPolicy | None] = {}  # changed policy -> as it is now
         if self._full:
-            pods = self._selected_or_targets()
+            pods = self._target_refs()
         else:
             pods = {r for r in changed if r in self._selected or self._target_ref(r)}
             policies = {ref: self.state.policies.get(ref) for ref in self._changed_policies}
