@@ -51,8 +51,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"np-agent: error: the kernel refused the ruleset, nothing changed: {e}",
               file=sys.stderr)
         return EXIT_ERROR
-    isolated = sum(1 for r in compiled.pods if r.ingress or r.egress)
-    print(f"applied: {len(compiled.pods)} local pod(s), {isolated} isolated; "
+    enforced = [r for r in compiled.pods if r.pod.ips]  # pods without an IP have no elements
+    isolated = sum(1 for r in enforced if r.ingress or r.egress)
+    print(f"applied: {len(enforced)} local pod(s), {isolated} isolated; "
           f"{applied.added} element(s) added, {applied.removed} removed"
           + (f", chains written: {', '.join(applied.rewritten_chains)}"
              if applied.rewritten_chains else "")

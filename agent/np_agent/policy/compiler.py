@@ -70,17 +70,20 @@ from np_agent.ruleset import (
 from np_cni.shared.endpoints import Endpoint
 
 COMMENT_MAX = 127  # nft keeps at most 128 bytes of comment
+FINISHED = ("Succeeded", "Failed")
 Element = tuple[str, Key]  # (set name, key)
 DIRECTIONS = ((INGRESS, "ingress"), (EGRESS, "egress"))
 
 
 @dataclass
 class PodIsolation:
-    """Which policies isolate a local pod, per direction (empty list: open that way)."""
+    """Which policies isolate a local pod, per direction (empty list: open that way), and
+    the policies themselves (dump-rules says what they allow)."""
 
     pod: Pod
     ingress: list[str] = field(default_factory=list)
     egress: list[str] = field(default_factory=list)
+    selected: list[NetworkPolicy] = field(default_factory=list)
 
 
 @dataclass
@@ -877,10 +880,19 @@ class NodeCompiler:
         return {name: items for name, items in self.elements.items() if items}
 
     def report(self) -> list[PodIsolation]:
+        """The local pods, and the pods of this node that have no IP yet (a manifest has no
+        status; a pod being created): those are listed with the policies that will select
+        them, and get elements once they have an IP."""
+        selected = {ref: list(self._selected.get(ref, {}).values()) for ref in self._local_refs()}
+        pods = {ref: self._effective[ref] for ref in selected}
+        for ref, pod in self.state.pods.items():
+            if (not pod.ips and not pod.host_network and pod.phase not in FINISHED
+                    and is_local(pod, self.node_name)):
+                pods[ref], selected[ref] = pod, self._selecting(pod)
         out = []
-        for ref in self._local_refs():
-            rep = PodIsolation(self._effective[ref])
-            for policy in sorted(self._selected.get(ref, {}).values(), key=lambda p: p.ref):
+        for ref in sorted(pods):
+            rep = PodIsolation(pods[ref], selected=sorted(selected[ref], key=lambda p: p.ref))
+            for policy in rep.selected:
                 for direction in sorted(policy.policy_types):
                     getattr(rep, direction.lower()).append(policy.ref)
             out.append(rep)
