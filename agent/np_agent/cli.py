@@ -37,6 +37,24 @@ def cmd_dump_rules(args: argparse.Namespace) -> int:
     return EXIT_INVALID if result.errors else EXIT_OK
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from np_agent.explain import ExplainError, explain, parse_port, with_placeholders
+
+    result = _load(args)
+    state, placeholders = with_placeholders(result.state)
+    try:
+        port, proto = parse_port(args.port)
+        answer = explain(state, args.source, args.destination, port, proto, args.node_name)
+    except ExplainError as e:
+        print(f"np-agent: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    print("\n".join(answer.lines))
+    if placeholders:
+        print(f"  (no IP in the manifests, placeholders used: {', '.join(placeholders)}; "
+              "ipBlock rules are judged against them)")
+    return EXIT_INVALID if result.errors else EXIT_OK
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from np_agent.nft.dataplane import Dataplane
     from np_agent.nft.libnft import NftError
@@ -136,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="machine-readable output: pods, warnings and the libnftables JSON batch")
     p.set_defaults(func=cmd_dump_rules)
+
+    p = sub.add_parser(
+        "explain", help="is a connection allowed, and why",
+        description="Say whether the first packet of a connection is allowed, in one sentence "
+                    "(the first line starts with 'allowed' or 'denied'), naming the policy rule "
+                    "that admits it, or the policies that isolate the pod and the nearest "
+                    "misses. The answer is read from the compiled elements with the kernel's "
+                    "own walk. Pods without an IP get a placeholder from 240.0.0.0/4.",
+        epilog="example: np-agent explain --manifests examples/aks-demo "
+               "--from frontend/apipod --to backend/dbpod --port 80/TCP")
+    _manifest_args(p)
+    p.add_argument("--from", dest="source", required=True, metavar="NS/POD|IP",
+                   help="the connection's source")
+    p.add_argument("--to", dest="destination", required=True, metavar="NS/POD|IP",
+                   help="the connection's destination")
+    p.add_argument("--port", required=True, metavar="PORT[/PROTO]",
+                   help="destination port and protocol, e.g. 80/TCP, 53/UDP (default TCP)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("apply", help="enforce the manifests in this network namespace",
                        description="Compile the manifests and make table inet np-nft in the "

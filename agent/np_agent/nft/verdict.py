@@ -52,100 +52,135 @@ PortBox = tuple[int, int, int, int]
 
 @dataclass
 class _Identity:
-    """The two sets of one peer identity: pod -> protocol -> port intervals, and pods."""
+    """The two sets of one peer identity: pod -> protocol -> port intervals, and pods; each
+    with its element's comment (the policy rules behind it)."""
 
-    ports: dict[tuple[int, int], list[Interval]] = field(
+    ports: dict[tuple[int, int], list[tuple[int, int, str]]] = field(
         default_factory=lambda: defaultdict(list))
-    wide_ports: list[tuple[Interval, int, Interval]] = field(default_factory=list)
-    all: list[Interval] = field(default_factory=list)
+    wide_ports: list[tuple[Interval, int, Interval, str]] = field(default_factory=list)
+    all: list[tuple[int, int, str]] = field(default_factory=list)
 
-    def allows(self, pod: int, proto: int, port: int) -> bool:
-        if any(lo <= port <= hi for lo, hi in self.ports.get((pod, proto), ())):
-            return True
-        if any(p[0] <= pod <= p[1] and pr == proto and s[0] <= port <= s[1]
-               for p, pr, s in self.wide_ports):
-            return True
-        return any(lo <= pod <= hi for lo, hi in self.all)
+    def admits(self, pod: int, proto: int, port: int) -> str | None:
+        """The comment of the element that admits the packet, None if none does."""
+        for lo, hi, why in self.ports.get((pod, proto), ()):
+            if lo <= port <= hi:
+                return why
+        for p, pr, span, why in self.wide_ports:
+            if p[0] <= pod <= p[1] and pr == proto and span[0] <= port <= span[1]:
+                return why
+        return next((why for lo, hi, why in self.all if lo <= pod <= hi), None)
+
+    def offers(self, pod: int) -> list[tuple[int, int, int, str]]:
+        """(protocol, port range, comment) of everything this identity may reach on ``pod``
+        (protocol 0: every protocol): what a near miss was near to."""
+        out = [(proto, lo, hi, why) for (p, proto), items in self.ports.items() if p == pod
+               for lo, hi, why in items]
+        return out + [(0, 0, 65535, why) for lo, hi, why in self.all if lo <= pod <= hi]
 
 
 @dataclass
 class _Direction:
     """The sets of one direction and one IP version, indexed for lookups."""
 
-    isolated: set[int] = field(default_factory=set)
-    isolated_ranges: list[Interval] = field(default_factory=list)
+    isolated: dict[int, str] = field(default_factory=dict)  # pod -> who isolates it
+    isolated_ranges: list[tuple[int, int, str]] = field(default_factory=list)
     peers: dict[int, str] = field(default_factory=dict)  # peer pod IP -> identity chain
     identities: dict[str, _Identity] = field(default_factory=lambda: defaultdict(_Identity))
-    ranges: dict[tuple[int, int], list[PortBox]] = field(
+    ranges: dict[tuple[int, int], list[tuple[PortBox, str]]] = field(
         default_factory=lambda: defaultdict(list))  # (pod, proto) -> boxes
     # Elements whose pod field is itself a range: the compiler never writes them, but the
     # kernel would honour them, so they are kept (and scanned for every query).
-    wide_ranges: list[tuple[Interval, int, PortBox]] = field(default_factory=list)
-    allow_all: dict[int, list[Interval]] = field(default_factory=lambda: defaultdict(list))
-    wide_allow_all: list[tuple[Interval, Interval]] = field(default_factory=list)
+    wide_ranges: list[tuple[Interval, int, PortBox, str]] = field(default_factory=list)
+    allow_all: dict[int, list[tuple[int, int, str]]] = field(
+        default_factory=lambda: defaultdict(list))
+    wide_allow_all: list[tuple[Interval, Interval, str]] = field(default_factory=list)
 
-    def add_isolated(self, key: Key) -> None:
+    def add_isolated(self, key: Key, why: str = "") -> None:
         lo, hi = _interval(key[0])
         if lo == hi:
-            self.isolated.add(lo)
+            self.isolated[lo] = why
         else:
-            self.isolated_ranges.append((lo, hi))
+            self.isolated_ranges.append((lo, hi, why))
 
-    def add_peer(self, key: Key) -> None:
+    def add_peer(self, key: Key, why: str = "") -> None:
         lo, _ = _interval(key[0])
         target = key[-1]
         assert isinstance(target, str)
         self.peers[lo] = target
 
-    def add_identity_ports(self, chain: str, key: Key) -> None:
+    def add_identity_ports(self, chain: str, key: Key, why: str = "") -> None:
         pod, proto, port = _interval(key[0]), key[1], _interval(key[2])
         assert isinstance(proto, int)
         ident = self.identities[chain]
         if pod[0] == pod[1]:
-            ident.ports[(pod[0], proto)].append(port)
+            ident.ports[(pod[0], proto)].append((*port, why))
         else:
-            ident.wide_ports.append((pod, proto, port))
+            ident.wide_ports.append((pod, proto, port, why))
 
-    def add_identity_all(self, chain: str, key: Key) -> None:
-        self.identities[chain].all.append(_interval(key[0]))
+    def add_identity_all(self, chain: str, key: Key, why: str = "") -> None:
+        self.identities[chain].all.append((*_interval(key[0]), why))
 
-    def add_port_element(self, key: Key) -> None:
+    def add_port_element(self, key: Key, why: str = "") -> None:
         """An element of the ranges set: ``peer . pod . proto . port``."""
         peer, pod, proto, port = (_interval(key[0]), _interval(key[1]), key[2], _interval(key[3]))
         assert isinstance(proto, int)
         box = (peer[0], peer[1], port[0], port[1])
         if pod[0] == pod[1]:
-            self.ranges[(pod[0], proto)].append(box)
+            self.ranges[(pod[0], proto)].append((box, why))
         else:
-            self.wide_ranges.append((pod, proto, box))
+            self.wide_ranges.append((pod, proto, box, why))
 
-    def add_allow_all(self, key: Key) -> None:
+    def add_allow_all(self, key: Key, why: str = "") -> None:
         peer, pod = _interval(key[0]), _interval(key[1])
         if pod[0] == pod[1]:
-            self.allow_all[pod[0]].append(peer)
+            self.allow_all[pod[0]].append((*peer, why))
         else:
-            self.wide_allow_all.append((pod, peer))
+            self.wide_allow_all.append((pod, peer, why))
+
+    def isolated_by(self, pod: int) -> str | None:
+        """The isolation element's comment ("ns/pod by ns/policy, ..."), None: not isolated."""
+        if pod in self.isolated:
+            return self.isolated[pod]
+        return next((why for lo, hi, why in self.isolated_ranges if lo <= pod <= hi), None)
 
     def is_isolated(self, pod: int) -> bool:
-        return pod in self.isolated or any(lo <= pod <= hi for lo, hi in self.isolated_ranges)
+        return self.isolated_by(pod) is not None
+
+    def admits(self, pod: int, peer: int, proto: int, port: int) -> str | None:
+        """The direction's chains for one packet of an isolated pod: the comment of the
+        element that admits it (the peer's identity chain first, then the address ranges, as
+        the kernel looks), None when the packet is dropped."""
+        chain = self.peers.get(peer)
+        if chain is not None and chain in self.identities:
+            why = self.identities[chain].admits(pod, proto, port)
+            if why is not None:
+                return why
+        for box, why in self.ranges.get((pod, proto), ()):
+            if _in_box(box, peer, port):
+                return why
+        for p, box_proto, box, why in self.wide_ranges:
+            if p[0] <= pod <= p[1] and box_proto == proto and _in_box(box, peer, port):
+                return why
+        for lo, hi, why in self.allow_all.get(pod, ()):
+            if lo <= peer <= hi:
+                return why
+        return next((why for p, a, why in self.wide_allow_all
+                     if p[0] <= pod <= p[1] and a[0] <= peer <= a[1]), None)
 
     def allows(self, pod: int, peer: int, proto: int, port: int) -> bool:
-        """The direction's chains for one packet: open, or the peer's identity chain or an
-        address-range set holds its key."""
-        if not self.is_isolated(pod):
-            return True
+        """Open (not isolated), or some element admits the packet."""
+        return not self.is_isolated(pod) or self.admits(pod, peer, proto, port) is not None
+
+    def near(self, pod: int, peer: int) -> list[tuple[int, int, int, str]]:
+        """What this peer may reach on ``pod`` at all, (protocol, port range, comment):
+        the nearest misses of a packet no element admits (right peer, wrong port)."""
+        out = []
         chain = self.peers.get(peer)
-        if chain is not None and chain in self.identities and (
-                self.identities[chain].allows(pod, proto, port)):
-            return True
-        if any(_in_box(box, peer, port) for box in self.ranges.get((pod, proto), ())):
-            return True
-        if any(p[0] <= pod <= p[1] and box_proto == proto and _in_box(box, peer, port)
-               for p, box_proto, box in self.wide_ranges):
-            return True
-        if any(lo <= peer <= hi for lo, hi in self.allow_all.get(pod, ())):
-            return True
-        return any(p[0] <= pod <= p[1] and a[0] <= peer <= a[1] for p, a in self.wide_allow_all)
+        if chain is not None and chain in self.identities:
+            out += self.identities[chain].offers(pod)
+        out += [(proto, box[2], box[3], why) for (p, proto), items in self.ranges.items()
+                if p == pod for box, why in items if box[0] <= peer <= box[1]]
+        return out
 
 
 def _interval(value: object) -> Interval:
@@ -190,8 +225,8 @@ class Matcher:
             chain = identity_chain(direction, version, number)
             add = (d.add_identity_ports if name == identity_ports_set(*ident)
                    else d.add_identity_all)
-            for key in items:
-                add(chain, key)
+            for key, why in items.items():
+                add(chain, key, why)
             return
         for (direction, version), d in self._dirs.items():
             adder = {isolated_set(direction, version): d.add_isolated,
@@ -199,9 +234,13 @@ class Matcher:
                      allow_ranges_set(direction, version): d.add_port_element,
                      allow_all_set(direction, version): d.add_allow_all}.get(name)
             if adder is not None:
-                for key in items:
-                    adder(key)
+                for key, why in items.items():
+                    adder(key, why)
                 return
+
+    def direction(self, direction: str, version: int) -> _Direction:
+        """One direction's indexed sets (explain asks them why)."""
+        return self._dirs[(direction, version)]
 
     def direction_allows(self, direction: str, version: int, pod: Address, peer: Address,
                          proto: int, dport: int) -> bool:
