@@ -450,6 +450,7 @@ def test_metrics_and_readyz(clean: ClusterLab) -> None:
     c.api.create("networkpolicies", policy("x", "deny-a", {
         "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"]}))
     wait_matrix(c, {("x/b", "x/a", "tcp", 80, 4): False})
+    denied: dict[str, float] = {}
     for node in c.nodes:
         text = c.metrics(node)
         assert metric(text, 'np_agent_objects{kind="pods"}') == len(PODS)
@@ -465,3 +466,12 @@ def test_metrics_and_readyz(clean: ClusterLab) -> None:
         count = metric(text, "np_agent_event_to_kernel_seconds_count")
         mean = metric(text, "np_agent_event_to_kernel_seconds_sum") / count
         print(f"\n{node.name}: {count:.0f} event->kernel syncs, mean {mean * 1000:.1f} ms")
+        assert metric(text, 'np_agent_lists_total{kind="pods"}') >= 1
+        assert metric(text, "np_agent_sync_seconds_count") >= 1
+        assert abs(metric(text, "np_agent_last_sync_timestamp_seconds") - time.time()) < 600
+        assert re.search(r'^np_agent_build_info\{python="[0-9.]+",version="[^"]+"\} 1.0$',
+                         text, re.M), text
+        denied[node.name] = metric(text, 'np_agent_denied_packets_total'
+                                         '{direction="ingress",family="ipv4"}')
+    # x/b -> x/a was probed and dropped on x/a's node: its drop rule counted it
+    assert sum(denied.values()) > 0, denied

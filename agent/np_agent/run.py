@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         return (agent.ready, "ready") if agent.ready else (False, "first sync not done yet")
 
     http = HealthServer(args.metrics_address, registry=registry,
-                        alive=lambda: agent._thread is not None and agent._thread.is_alive(),
+                        alive=agent.alive,
                         ready=ready).start()
     for sig, flag in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, reload)):
         signal.signal(sig, lambda *_, flag=flag: (flag.set(), wake.set()))

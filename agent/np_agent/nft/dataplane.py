@@ -25,16 +25,19 @@ from np_agent.nft.generation import ruleset_generation
 from np_agent.nft.libnft import Nft
 from np_agent.ruleset import (
     ADDRESS_TYPES,
+    DIRECTIONS,
     IFNAME_TYPE,
     PROTO_NAMES,
     PROTO_NUMBERS,
     PROTO_TYPE,
     SERVICE_TYPE,
+    VERSIONS,
     ChainSpec,
     Field,
     Key,
     Ruleset,
     SetSpec,
+    cidr_chain,
 )
 
 BIG_CHANGE = 5000  # elements; after a transaction this big, freed heap is given back
@@ -441,6 +444,25 @@ class Dataplane:
             if not drift:
                 self._generation = generation  # cheap again until the next commit anywhere
         return drift
+
+    def drop_counters(self) -> dict[tuple[str, int], int]:
+        """Packets dropped by policy, per (direction, IP version): the counters of the drop
+        rules in the address-peer chains, where every denied new connection ends. Empty when
+        nothing was applied yet or the table is gone."""
+        with self._lock:
+            desired = self._desired
+        if desired is None:
+            return {}
+        out = {}
+        for direction in DIRECTIONS:
+            for version in VERSIONS:
+                objects = self.nft.list_chain(desired.family, desired.table,
+                                              cidr_chain(direction, version))
+                out[(direction, version)] = sum(
+                    e["counter"]["packets"] for o in objects or () if "rule" in o
+                    for e in o["rule"]["expr"] if isinstance(e, dict) and "counter" in e
+                    and isinstance(e["counter"], dict))
+        return out
 
     def remove(self, family: str, table: str) -> bool:
         """Delete our table (uninstall). Returns False when there was none."""

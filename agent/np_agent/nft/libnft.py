@@ -38,6 +38,15 @@ class Nft:
         if rc != 0:
             raise NftError(err.strip() or f"nft failed with code {rc}")
 
+    def list_chain(self, family: str, table: str, chain: str) -> list[dict[str, Any]] | None:
+        """One chain (its rules and their counters) as JSON objects; None when absent."""
+        rc, out, err = self._context().cmd(f"list chain {family} {table} {chain}")
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise NftError(err.strip())
+        return json.loads(out)["nftables"]
+
     def list_table(self, family: str, table: str) -> list[dict[str, Any]] | None:
         """The table as libnftables JSON objects, or None when there is no such table.
 

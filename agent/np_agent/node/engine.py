@@ -12,14 +12,17 @@ nothing changes, and the kernel keeps enforcing the last state.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
 
 from np_agent.nft import layout
 from np_agent.nft.dataplane import ApplyResult, Dataplane
@@ -40,6 +43,13 @@ class Outcome:
     generation: int
     result: ApplyResult | None = None
     error: str = ""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("np-nft")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 class Metrics:
@@ -76,6 +86,43 @@ class Metrics:
             "np_agent_event_to_kernel_seconds", "from a watch event's arrival to the end of "
             "the transaction that enforces it", registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.sync_seconds = Histogram(
+            "np_agent_sync_seconds", "one sync: compile, diff and transaction",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.last_sync = Gauge(
+            "np_agent_last_sync_timestamp_seconds", "when the kernel last got what the agent "
+            "wants (Unix time): alert when it lags", registry=registry)
+        self.lists = Counter(
+            "np_agent_lists", "full lists of a kind (the first one, then relists after a 410 "
+            "or a lost watch)", ["kind"], registry=registry)
+        self.build = Info("np_agent_build", "the running np-agent", registry=registry)
+        self.build.info({"version": _version(), "python": platform.python_version()})
+
+
+HEARTBEAT = 5.0  # seconds; an idle sync loop turns at least this often
+STALL = 120.0  # seconds without a turn: not alive (a cold sync at 150,000 pods takes ~10 s)
+
+
+class DeniedPackets:
+    """``np_agent_denied_packets_total{direction,family}``: the counters of the drop rules,
+    read from the kernel at each scrape (a few small chains, not the sets)."""
+
+    def __init__(self, dataplane: Dataplane) -> None:
+        self.dataplane = dataplane
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "np_agent_denied_packets", "new connections dropped by policy (isolated pod, no "
+            "rule admits them), from the kernel's rule counters", labels=["direction", "family"])
+        try:
+            counts = self.dataplane.drop_counters()
+        except Exception as e:  # noqa: BLE001 - a scrape must not fail for the kernel
+            log.debug("denied packet counters unavailable: %s", e)
+            counts = {}
+        for (direction, version), packets in sorted(counts.items()):
+            family.add_metric([direction, f"ipv{version}"], packets)
+        yield family
 
 
 class NodeAgent:
@@ -105,6 +152,8 @@ class NodeAgent:
         # events older than that are not applied to them (see learn_pod).
         self._fetched_rv: dict[str, int] = {}
         self._ready_hooks: list[Callable[[], None]] = []
+        self.heartbeat = time.monotonic()  # the sync loop's last turn (liveness)
+        self.metrics.registry.register(DeniedPackets(self.dataplane))
 
     # ------------------------------------------------------------------ inputs
 
@@ -125,6 +174,7 @@ class NodeAgent:
         """
         if kind not in POLICY_KINDS:
             return
+        self.metrics.lists.labels(kind).inc()
         objects = {}
         for page in pages:
             for raw in page:
@@ -319,14 +369,23 @@ class NodeAgent:
                 self._cond.wait(remaining)
             return self._last
 
+    def alive(self) -> bool:
+        """Liveness: the sync loop turned (idle, it wakes every HEARTBEAT seconds) or a sync
+        started within STALL seconds. A thread that exists but hangs in a sync is not alive."""
+        thread = self._thread
+        return (thread is not None and thread.is_alive()
+                and time.monotonic() - self.heartbeat < STALL)
+
     def _worker(self) -> None:
         while True:
             with self._cond:
                 while not self._stop and (self._last.generation >= self._wanted
                                           or not self._loaded):
-                    self._cond.wait()
+                    self.heartbeat = time.monotonic()
+                    self._cond.wait(HEARTBEAT)
                 if self._stop:
                     return
+                self.heartbeat = time.monotonic()
                 generation, verify, seq = self._wanted, self._verify, self._seq
                 since, self._pending_since = self._pending_since, None
                 self._verify = False
@@ -355,6 +414,8 @@ class NodeAgent:
         self._became_ready()
         self.applied_seq = seq
         self.metrics.syncs.inc()
+        self.metrics.sync_seconds.observe(time.perf_counter() - t0)
+        self.metrics.last_sync.set_to_current_time()
         self.metrics.elements.set(ruleset.element_count())
         if result.changed:
             self.metrics.transaction.observe(result.transaction_seconds)
