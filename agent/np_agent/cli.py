@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "shim talks to the socket): still accepted, writes the agent's PID")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default: %(default)s")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text (key=value, the default) or one JSON object a line")
+    p.add_argument("-v", "--v", type=int, default=None, metavar="N",
+                   help="klog-style verbosity, as the kubelet takes it: 4 and up is debug "
+                        "(overrides --log-level)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("remove", help="delete table inet np-nft from this network namespace",

@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from np_agent.logs import configure
 from np_agent.node.cniserver import CniServer
 from np_agent.node.conntrack import ConntrackCutter
 from np_agent.node.engine import NodeAgent, maintenance_loop
@@ -42,10 +43,7 @@ class Dispatch:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
-    for noisy in ("pyroute2", "urllib3", "kubernetes"):  # their debug output drowns ours
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
+    configure(args.log_level, args.log_format, args.v)
     if args.pid_file:  # deprecated: only the old chroot wrapper needed it
         Path(args.pid_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.pid_file).write_text(f"{os.getpid()}\n")

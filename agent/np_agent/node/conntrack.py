@@ -458,3 +458,4 @@ class ConntrackCutter:
                 cut_disallowed(Matcher(ruleset))
             except Exception as e:  # noqa: BLE001 - never take the agent down
                 log.error("cutting connections that are no longer allowed failed: %s", e)
+                log.debug("conntrack cut failure", exc_info=True)

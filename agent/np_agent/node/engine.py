@@ -407,6 +407,7 @@ class NodeAgent:
             result = self.dataplane.reconcile(ruleset, verify=verify, delta=delta)
         except Exception as e:  # noqa: BLE001 - keep serving; the kernel keeps the last rules
             log.error("sync failed, the last applied rules stay in force: %s", e)
+            log.debug("sync failure", exc_info=True)
             self.metrics.errors.labels("sync").inc()
             with self._cond:
                 self._verify = True  # list the kernel next time: we do not know what it holds
@@ -431,6 +432,7 @@ class NodeAgent:
                     self.after_sync(ruleset, delta)
                 except Exception as e:  # noqa: BLE001 - a hook never breaks enforcement
                     log.error("after-sync hook failed: %s", e)
+                    log.debug("after-sync hook failure", exc_info=True)
                     self.metrics.errors.labels("after_sync").inc()
         return Outcome(generation, result=result)
 
