@@ -88,6 +88,9 @@ def exercised_metrics(registry: CollectorRegistry) -> Metrics:
     metrics.cni.labels("ADD", "0").observe(0.02)
     metrics.event_to_kernel.observe(0.04)
     metrics.drift_checks.labels("unchanged").inc()
+    metrics.sync_seconds.observe(0.01)
+    metrics.last_sync.set_to_current_time()
+    metrics.lists.labels("pods").inc()
     return metrics
 
 
@@ -102,7 +105,13 @@ README_METRICS = {
     "np_agent_transaction_seconds": ("histogram", set()),
     "np_agent_cni_seconds": ("histogram", {"command", "code"}),
     "np_agent_event_to_kernel_seconds": ("histogram", set()),
+    "np_agent_sync_seconds": ("histogram", set()),
+    "np_agent_last_sync_timestamp_seconds": ("gauge", set()),
+    "np_agent_lists_total": ("counter", {"kind"}),
+    "np_agent_build_info": ("gauge", {"version", "python"}),  # an Info: a gauge of 1
 }
+# np_agent_denied_packets_total is read from the kernel by NodeAgent's own collector:
+# tests/test_agent_e2e.py checks it on a running agent.
 
 
 def test_metrics_exposition_has_every_readme_metric(server: HealthServer) -> None:
@@ -126,8 +135,9 @@ def test_metrics_exposition_has_every_readme_metric(server: HealthServer) -> Non
     assert {s.name for f in families.values() for s in f.samples} == {
         "np_agent_objects", "np_agent_watch_events_total", "np_agent_syncs_total",
         "np_agent_errors_total", "np_agent_set_elements", "np_agent_drift_checks_total",
+        "np_agent_last_sync_timestamp_seconds", "np_agent_lists_total", "np_agent_build_info",
         *(f"{h}_{suffix}" for h in ("np_agent_transaction_seconds", "np_agent_cni_seconds",
-                                    "np_agent_event_to_kernel_seconds")
+                                    "np_agent_event_to_kernel_seconds", "np_agent_sync_seconds")
           for suffix in ("bucket", "sum", "count"))}
     buckets = [s.labels["le"] for s in families["np_agent_transaction_seconds"].samples
                if s.name.endswith("_bucket")]
