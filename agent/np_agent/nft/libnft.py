@@ -40,21 +40,17 @@ class Nft:
 
     def list_chain(self, family: str, table: str, chain: str) -> list[dict[str, Any]] | None:
         """One chain (its rules and their counters) as JSON objects; None when absent."""
-        rc, out, err = self._context().cmd(f"list chain {family} {table} {chain}")
-        if rc != 0:
-            if "No such file or directory" in err:
-                return None
-            raise NftError(err.strip())
-        return json.loads(out)["nftables"]
+        return self._list(f"list chain {family} {table} {chain}")
 
     def list_table(self, family: str, table: str) -> list[dict[str, Any]] | None:
-        """The table as libnftables JSON objects, or None when there is no such table.
+        """The table as libnftables JSON objects, or None when there is no such table."""
+        return self._list(f"list table {family} {table}")
 
-        A throw-away context lists it: libnftables keeps what it listed as its cache, and
-        releasing a cache of tens of thousands of elements at the next command cost ~90 ms
-        inside what should be a sub-millisecond transaction.
-        """
-        rc, out, err = self._context().cmd(f"list table {family} {table}")
+    def _list(self, command: str) -> list[dict[str, Any]] | None:
+        """A listing in a throw-away context: libnftables keeps what it listed as its cache,
+        and releasing a cache of tens of thousands of elements at the next command cost ~90 ms
+        inside what should be a sub-millisecond transaction."""
+        rc, out, err = self._context().cmd(command)
         if rc != 0:
             if "No such file or directory" in err:
                 return None
