@@ -485,23 +485,30 @@ class FakeApiServer:
         new = _jsoncopy(obj)
         _fill_required(kind, new)
         meta = new.setdefault("metadata", {})
-        name = meta.get("name")
-        if not name:
-            raise FakeApiError(422, "Invalid", f"{kind}: metadata.name: Required value")
         with self._cond:
-            key = self._key(info, meta.get("namespace"), name)
-            if key in self._objects[kind]:
-                raise FakeApiError(409, "AlreadyExists", f'{kind} "{name}" already exists')
-            if info.namespaced:
-                meta["namespace"] = key[0]
-            else:
-                meta.pop("namespace", None)
-            new["apiVersion"] = info.api_version
-            new["kind"] = info.kind
-            meta.setdefault("uid", str(uuid.uuid4()))
+            key = self._admit(kind, info, new)
             meta["creationTimestamp"] = _now()
             meta["generation"] = 1
             return self._commit(kind, key, "ADDED", new, None)
+
+    def _admit(self, kind: str, info: KindInfo, obj: Obj) -> Key:
+        """A new object's key, after the checks and defaults every create makes (caller
+        holds the lock): a name, not yet stored, namespace as the kind wants, type meta."""
+        meta = obj["metadata"]
+        name = meta.get("name")
+        if not name:
+            raise FakeApiError(422, "Invalid", f"{kind}: metadata.name: Required value")
+        key = self._key(info, meta.get("namespace"), name)
+        if key in self._objects[kind]:
+            raise FakeApiError(409, "AlreadyExists", f'{kind} "{name}" already exists')
+        if info.namespaced:
+            meta["namespace"] = key[0]
+        else:
+            meta.pop("namespace", None)
+        obj["apiVersion"] = info.api_version
+        obj["kind"] = info.kind
+        meta.setdefault("uid", str(uuid.uuid4()))
+        return key
 
     def update(self, kind: str, obj: Obj, *, check_resource_version: bool = False) -> Obj:
         """Replace an existing object (spec and status, like PUT); returns the stored copy.
@@ -587,20 +594,8 @@ class FakeApiServer:
             try:
                 for obj in objs:
                     meta = obj.setdefault("metadata", {})
-                    name = meta.get("name")
-                    if not name:
-                        raise FakeApiError(422, "Invalid", f"{kind}: metadata.name: Required value")
-                    key = self._key(info, meta.get("namespace"), name)
-                    if key in store:
-                        raise FakeApiError(409, "AlreadyExists", f'{kind} "{name}" already exists')
                     _fill_required(kind, obj)
-                    if info.namespaced:
-                        meta["namespace"] = key[0]
-                    else:
-                        meta.pop("namespace", None)
-                    obj["apiVersion"] = info.api_version
-                    obj["kind"] = info.kind
-                    meta.setdefault("uid", str(uuid.uuid4()))
+                    key = self._admit(kind, info, obj)
                     meta.setdefault("creationTimestamp", _now())
                     self._rv += 1
                     meta["resourceVersion"] = str(self._rv)
